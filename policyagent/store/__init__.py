@@ -1,0 +1,1 @@
+"""Policy stores: the PolicyStore interface and its backends."""
