@@ -146,8 +146,7 @@ class OverlayView:
         out = [
             use
             for use in self._base.users(kind, object_id)
-            if (Kind.POLICY, use.policy_id) not in self._deleted
-            and (Kind.POLICY, use.policy_id) not in self._puts
+            if (Kind.POLICY, use.policy_id) not in self._deleted and (Kind.POLICY, use.policy_id) not in self._puts
         ]
         for (k, _), obj in self._puts.items():
             if k is Kind.POLICY:

@@ -10,7 +10,7 @@ written; otherwise the caller writes exactly the returned plan.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from policyagent.model.errors import (
@@ -43,6 +43,10 @@ class Delete:
 
 
 Mutation = Put | Delete
+
+# A function run inside a store's write transaction that returns the mutations to
+# apply, given a view of the store at that moment ("restore defaults", "import").
+PlanFn = Callable[[StoreView], Sequence[Mutation]]
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,12 @@ def plan_writes(view: StoreView, mutations: Sequence[Mutation], *, validate: boo
                     )
                 fill_ids(obj)
                 op = "update"
-                if isinstance(obj, pb.Policy) and isinstance(current, pb.Policy):
-                    if obj.assigned != current.assigned:
-                        op = "assign" if obj.assigned else "unassign"
+                if (
+                    isinstance(obj, pb.Policy)
+                    and isinstance(current, pb.Policy)
+                    and obj.assigned != current.assigned
+                ):
+                    op = "assign" if obj.assigned else "unassign"
             puts[(kind, obj.id)] = PlannedPut(obj, op)
         else:
             current = view.get(mutation.kind, mutation.object_id)
@@ -131,8 +138,7 @@ def plan_writes(view: StoreView, mutations: Sequence[Mutation], *, validate: boo
 
     # Only one policy is assigned per store: assigning one unassigns the others.
     newly_assigned = [
-        p.obj.id for (k, _), p in puts.items()
-        if k is Kind.POLICY and isinstance(p.obj, pb.Policy) and p.obj.assigned
+        p.obj.id for (k, _), p in puts.items() if k is Kind.POLICY and isinstance(p.obj, pb.Policy) and p.obj.assigned
     ]
     if len(newly_assigned) > 1:
         raise ValidationError(Violation("", "assign", "only one policy can be assigned in a store"))
@@ -156,8 +162,7 @@ def plan_writes(view: StoreView, mutations: Sequence[Mutation], *, validate: boo
         if uses:
             more = f" and {len(uses) - 1} more" if len(uses) > 1 else ""
             raise InUseError(
-                f'{kind.value} "{planned.name}" is used by {uses[0]}{more}; '
-                "change or delete those rules first"
+                f'{kind.value} "{planned.name}" is used by {uses[0]}{more}; change or delete those rules first'
             )
     if validate:
         violations: list[Violation] = []

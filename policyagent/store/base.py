@@ -11,19 +11,14 @@ durably. tests/store_contract.py is the contract every backend must pass.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from policyagent.model.objects import Kind, StoreObject
-from policyagent.model.view import StoreView
-from policyagent.model.writes import Mutation, PlannedDelete
+from policyagent.model.writes import Mutation, PlanFn, PlannedDelete
 from policyagent.pb import pb
 
-# A function run inside the write transaction that returns the mutations to
-# apply, given a view of the store at that moment (used by operations such as
-# "restore defaults" or "import" that must look at the store and write in one
-# step).
-PlanFn = Callable[[StoreView], Sequence[Mutation]]
+__all__ = ["ChangeRecord", "PlanFn", "PolicyStore", "WriteResult"]
 
 
 @dataclass(frozen=True)
