@@ -86,7 +86,9 @@ def import_mutations(view: StoreView, file: pb.ExportFile) -> list[Mutation]:
         if not obj.id:
             raise ValidationError(Violation(f'{kind.value} "{obj.name}"', "id", "the export file gives no id"))
         if (kind, obj.id) in seen:
-            raise ValidationError(Violation(f'{kind.value} "{obj.name}"', "id", f"id {obj.id} appears twice in the file"))
+            raise ValidationError(
+                Violation(f'{kind.value} "{obj.name}"', "id", f"id {obj.id} appears twice in the file")
+            )
         seen.add((kind, obj.id))
         copy = _strip(obj)
         current = view.get(kind, obj.id)

@@ -113,11 +113,7 @@ def plan_writes(view: StoreView, mutations: Sequence[Mutation], *, validate: boo
                     )
                 fill_ids(obj)
                 op = "update"
-                if (
-                    isinstance(obj, pb.Policy)
-                    and isinstance(current, pb.Policy)
-                    and obj.assigned != current.assigned
-                ):
+                if isinstance(obj, pb.Policy) and isinstance(current, pb.Policy) and obj.assigned != current.assigned:
                     op = "assign" if obj.assigned else "unassign"
             puts[(kind, obj.id)] = PlannedPut(obj, op)
         else:
