@@ -394,7 +394,7 @@ def _parse_rootca(s: Setting, raw: str) -> RootCa:
     text = raw.replace("\\'", '"').strip()
     certmap = exclude = False
     while True:
-        m = re.search(r"\s+(certmap|excludecaname):(\S+)\s*$", text, re.IGNORECASE)
+        m = re.search(r"(?:^|\s+)(certmap|excludecaname):(\S+)\s*$", text, re.IGNORECASE)
         if not m:
             break
         flag = parse_bool(m.group(2))

@@ -128,13 +128,14 @@ class OverlayView:
         return self._base.get(kind, object_id)
 
     def id_for_name(self, kind: Kind, name: str) -> str | None:
-        found = self._put_names[kind].get(name_key(name))
-        if found is not None:
-            return found
+        # An object already stored under this name wins (unless it is being
+        # deleted or renamed), so a new object reusing its name is caught.
         found = self._base.id_for_name(kind, name)
-        if found is None or (kind, found) in self._deleted or (kind, found) in self._puts:
-            return None  # deleted, or renamed by a pending put
-        return found
+        if found is not None and (kind, found) not in self._deleted:
+            pending = self._puts.get((kind, found))
+            if pending is None or name_key(pending.name) == name_key(name):
+                return found
+        return self._put_names[kind].get(name_key(name))
 
     def ids(self, kind: Kind) -> list[str]:
         out = [i for i in self._base.ids(kind) if (kind, i) not in self._deleted]
