@@ -126,9 +126,11 @@ def plan_writes(view: StoreView, mutations: Sequence[Mutation], *, validate: boo
                     f"(stored revision {current.revision}, yours {mutation.revision}); "
                     "nothing was deleted: read it again and retry"
                 )
-            if isinstance(current, pb.Policy) and current.assigned:
-                raise ProtectedError(f"{describe(current)} is assigned; unassign it before deleting it")
             key = (mutation.kind, mutation.object_id)
+            # An earlier put in this same write may have unassigned it (delete all does).
+            latest = puts[key].obj if key in puts else current
+            if isinstance(latest, pb.Policy) and latest.assigned:
+                raise ProtectedError(f"{describe(current)} is assigned; unassign it before deleting it")
             deletes[key] = PlannedDelete(mutation.kind, mutation.object_id, current.name)
             puts.pop(key, None)
 
