@@ -423,6 +423,8 @@ def _parse_psk(s: Setting, raw: str) -> str:
 
 
 def _parse_tunnel(s: Setting, raw: str) -> str | DnsName:
+    if raw.strip().lower() == "none":
+        return ""  # no tunnel endpoint: transport mode (how `set rule` removes a tunnel)
     value = _parse_address(s, raw)
     if isinstance(value, DnsName):
         return value
@@ -573,7 +575,10 @@ QM_LIFETIME_SECONDS = Setting(
 POLICY = Setting("policy", ValueKind.NAME, "Name of the policy.")
 FILTERACTION = Setting("filteraction", ValueKind.NAME, "Name of the filter action.")
 TUNNEL = Setting(
-    "tunnel", ValueKind.TUNNEL, "Tunnel endpoint IP address (or DNS name, resolved now); omit for transport."
+    "tunnel",
+    ValueKind.TUNNEL,
+    "Tunnel endpoint IP address (or DNS name, resolved now); omit for transport.",
+    details="tunnel=none removes the tunnel endpoint (transport mode).",
 )
 CONNTYPE = Setting(
     "conntype",

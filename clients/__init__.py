@@ -1,0 +1,1 @@
+"""Command-line clients of the policy server: netsh (static mode); later ipsecmon and the web console."""

@@ -1,0 +1,110 @@
+"""The PolicyAdmin connection: which server, who is asking, and errors as PolicyErrors."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from clients.netsh.errors import ServerUnreachable
+from policyagent.model.errors import PolicyError
+from policyagent.pb import admin_grpc, admin_pb, pb
+from policyagent.server.errors import RpcFailure, error_from_rpc
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+SERVER_ENV = "POLICYAGENT_SERVER"
+USER_METADATA_KEY = "x-policyagent-user"
+# Generous: an import or a delete all on a big store is one transaction on the server.
+CALL_TIMEOUT_SECONDS = 60.0
+
+R = TypeVar("R", bound=Message)
+
+_HOW_TO_START = (
+    "start one with `policyagent server --data-dir DIR` (it listens on 127.0.0.1:50051), "
+    f"or point netsh at yours with -r HOST:PORT or ${SERVER_ENV}"
+)
+
+
+def server_target(option: str | None) -> str:
+    """The gRPC target: -r, else $POLICYAGENT_SERVER, else 127.0.0.1:50051.
+
+    Accepts HOST:PORT, [v6]:PORT, unix:/path, and a bare HOST (the default port).
+    """
+    text = (option or os.environ.get(SERVER_ENV) or DEFAULT_SERVER).strip()
+    if text.startswith("unix:"):
+        return text
+    if text.startswith("["):
+        return text if "]:" in text else f"{text}:{DEFAULT_PORT}"
+    if text.count(":") == 1:
+        return text
+    if ":" in text:  # a bare IPv6 address
+        return f"[{text}]:{DEFAULT_PORT}"
+    return f"{text}:{DEFAULT_PORT}"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return f"uid{os.getuid()}"
+
+
+class AdminClient:
+    """A synchronous PolicyAdmin client; every call carries the user's name for the change log."""
+
+    def __init__(self, target: str, timeout: float = CALL_TIMEOUT_SECONDS) -> None:
+        self.target = target
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        self._stub = admin_grpc.PolicyAdminStub(self._channel)
+        self._metadata = ((USER_METADATA_KEY, _user()),)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., R], request: Message) -> R:
+        try:
+            return method(request, metadata=self._metadata, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: grpc.RpcError) -> PolicyError:
+        error = error_from_rpc(exc)
+        if not isinstance(error, RpcFailure):
+            return error
+        detail = error.message.split(": ", 1)[-1]
+        if error.status == grpc.StatusCode.UNAVAILABLE:
+            return ServerUnreachable(f"cannot reach the policy server at {self.target} ({detail}); {_HOW_TO_START}")
+        if error.status == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServerUnreachable(
+                f"the policy server at {self.target} did not answer within {self._timeout:g} seconds"
+            )
+        if error.status == grpc.StatusCode.UNIMPLEMENTED:
+            return ServerUnreachable(f"{self.target} does not serve the policyagent PolicyAdmin API ({detail})")
+        return error
+
+    def get_store(self) -> pb.StoreContents:
+        # Secrets are needed: writes put whole objects back, pre-shared keys included.
+        response = self._call(self._stub.GetStore, admin_pb.GetStoreRequest(include_secrets=True))
+        return response.contents
+
+    def apply(self, mutations: list[admin_pb.Mutation], operation: str) -> admin_pb.ApplyResponse:
+        request = admin_pb.ApplyRequest(mutations=mutations, operation=operation)
+        return self._call(self._stub.Apply, request)
+
+    def restore_defaults(self) -> admin_pb.ApplyResponse:
+        return self._call(self._stub.RestoreDefaults, admin_pb.RestoreDefaultsRequest())
+
+    def delete_all(self) -> admin_pb.ApplyResponse:
+        return self._call(self._stub.DeleteAll, admin_pb.DeleteAllRequest())
+
+    def export_policies(self) -> pb.ExportFile:
+        return self._call(self._stub.ExportPolicies, admin_pb.ExportRequest())
+
+    def import_policies(self, file: pb.ExportFile) -> admin_pb.ApplyResponse:
+        return self._call(self._stub.ImportPolicies, admin_pb.ImportRequest(file=file))

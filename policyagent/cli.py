@@ -1,0 +1,117 @@
+"""`policyagent`: the command line of the server (and later the agent and admin tools).
+
+Each subcommand registers a parser and a handler `(args) -> exit code`. Library
+code raises; only `main()` turns an error into one line on stderr and exit code
+2, with the traceback only under --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from policyagent.model.errors import PolicyError
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    # Imported here so that `policyagent --help` and other subcommands do not pay for grpc.
+    from policyagent.server.app import ServerConfig, configure_logging, serve
+
+    configure_logging(args.log_level)
+    config = ServerConfig(data_dir=Path(args.data_dir), listen=args.listen, grace_seconds=args.grace)
+    asyncio.run(serve(config))
+    return EXIT_OK
+
+
+def _add_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from policyagent.server.app import DEFAULT_DATA_DIR, DEFAULT_LISTEN
+
+    parser = subparsers.add_parser(
+        "server",
+        help="run the policy server",
+        description=(
+            "Run the policy server: the domain policy store and the PolicyAdmin gRPC API. "
+            "Without authentication (not implemented yet) it listens only on loopback or a "
+            "unix socket."
+        ),
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="directory for the store (created 0700; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT|unix:PATH",
+        help="loopback address (port 0 = any free port) or unix socket (default: %(default)s)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long in-flight calls may finish on shutdown (default: %(default)s)",
+    )
+    parser.set_defaults(handler=_run_server)
+
+
+# Later subcommands (agent, rsop, admin-cert) add themselves here.
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_server,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="policyagent", description="Windows-style IPsec policy management."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `policyagent` console script. Returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+        message = _one_line(exc)
+        # What a user can cause (bad input, refused config, a file or port problem) is
+        # reported as is; anything else is a bug, said so.
+        if not isinstance(exc, PolicyError | OSError | ValueError):
+            message = f"internal error: {type(exc).__name__}: {message}"
+            if not args.debug:
+                message += " (run with --debug for the traceback)"
+        print(f"policyagent {args.command}: {message}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
