@@ -213,6 +213,7 @@ def test_apply_create_update_delete_round_trip(server: ServerProcess) -> None:
     changes = stub.ListChanges(admin_pb.ListChangesRequest(), timeout=RPC_TIMEOUT_S).changes
     mine = [c for c in changes if c.object_id == stored.id]
     assert [c.operation for c in mine] == ["create", "update", "delete"]
+    assert mine[1].context == "set filterlist"
     assert all(c.kind == admin_pb.OBJECT_KIND_FILTER_LIST for c in mine)
     # No authentication yet: the claimed user and the peer address, labelled as such.
     assert all(c.principal.startswith("unauthenticated:alice@ipv4:127.0.0.1:") for c in mine)
@@ -604,3 +605,22 @@ def test_cli_help_lists_server() -> None:
     )
     assert result.returncode == 0
     assert "server" in result.stdout
+
+
+def test_second_server_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    first = subprocess.Popen(
+        [sys.executable, "-m", "policyagent.cli", "server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline().startswith("listening on ")
+        second = subprocess.run(
+            [sys.executable, "-m", "policyagent.cli", "server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert second.returncode != 0
+        assert "another policyagent server is already using the data directory" in second.stderr
+    finally:
+        first.terminate()
+        first.wait(10)

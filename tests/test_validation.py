@@ -201,6 +201,7 @@ CASES = [
     Case("polling interval zero", put(lambda: policy(polling_interval_minutes=0)), ValidationError, "pollinginterval", "out of range"),
     # authentication
     Case("empty PSK", put(lambda: policy(rule(auth_methods=[_psk("")]))), ValidationError, "psk", "must not be empty", 'policy "Corp"/rule 1/authentication method 1'),
+    Case("masked PSK written back", put(lambda: policy(rule(auth_methods=[_psk("********")]))), ValidationError, "psk", "masked placeholder"),
     Case("NUL in PSK", put(lambda: policy(rule(auth_methods=[_psk("a\x00b")]))), ValidationError, "psk", "NUL"),
     Case("empty root CA", put(lambda: policy(rule(auth_methods=[_cert("")]))), ValidationError, "rootca", "needs the root CA"),
     Case("bad root CA syntax", put(lambda: policy(rule(auth_methods=[_cert("Example Root")]))), ValidationError, "rootca", "not an X.500 name"),

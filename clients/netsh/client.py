@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 
 from clients.netsh.errors import ServerUnreachable
 from policyagent.model.errors import PolicyError
-from policyagent.pb import admin_grpc, admin_pb, pb
+from policyagent.pb import GRPC_MESSAGE_OPTIONS, admin_grpc, admin_pb, pb
 from policyagent.server.errors import RpcFailure, error_from_rpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -60,7 +60,7 @@ class AdminClient:
     def __init__(self, target: str, timeout: float = CALL_TIMEOUT_SECONDS) -> None:
         self.target = target
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, options=GRPC_MESSAGE_OPTIONS)
         self._stub = admin_grpc.PolicyAdminStub(self._channel)
         self._metadata = ((USER_METADATA_KEY, _user()),)
 

@@ -26,14 +26,13 @@ from clients.netsh.syntax import Invocation
 from policyagent.model import exportfmt
 from policyagent.model import settings as S
 from policyagent.model.errors import NotFoundError, ProtectedError
-from policyagent.model.objects import Kind, StoreObject, name_key, normalize_id
+from policyagent.model.objects import SECRET_MASK, Kind, StoreObject, name_key, normalize_id
 from policyagent.model.view import ContentsView
 from policyagent.model.writes import Delete, Mutation, Put, plan_writes
 from policyagent.pb import admin_pb, pb
 
 T = TypeVar("T", bound=StoreObject)
 
-SECRET_MASK = "********"
 # How users may name the default response rule; it is not a rule they can delete or rename.
 DEFAULT_RULE_NAMES = frozenset({"<dynamic>", "default response", "default response rule"})
 

@@ -10,6 +10,9 @@ from policyagent.pb import pb
 
 StoreObject: TypeAlias = pb.Policy | pb.FilterList | pb.FilterAction
 
+# What read APIs show instead of a pre-shared key.
+SECRET_MASK = "********"
+
 
 class Kind(enum.Enum):
     """The three kinds of top-level objects a store holds. Values are the words used in messages."""

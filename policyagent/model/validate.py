@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from policyagent.model import algorithms as alg
 from policyagent.model import settings as S
 from policyagent.model.errors import Violation
-from policyagent.model.objects import Kind, StoreObject, name_key
+from policyagent.model.objects import SECRET_MASK, Kind, StoreObject, name_key
 from policyagent.model.view import StoreView
 from policyagent.pb import pb
 
@@ -249,6 +249,14 @@ def validate_auth_methods(methods: Iterable[pb.AuthMethod], path: str, required:
             key = ("psk", m.preshared_key.key)
             if not m.preshared_key.key:
                 out.append(Violation(mpath, "psk", "the pre-shared key must not be empty"))
+            elif m.preshared_key.key == SECRET_MASK:
+                out.append(
+                    Violation(
+                        mpath,
+                        "psk",
+                        "is the masked placeholder, not a key: read the object with its secrets to edit it",
+                    )
+                )
             elif "\x00" in m.preshared_key.key:
                 out.append(Violation(mpath, "psk", "the pre-shared key must not contain NUL characters"))
         else:

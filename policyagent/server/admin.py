@@ -21,14 +21,13 @@ from grpc import aio
 from policyagent.model.defaults import restore_defaults_plan
 from policyagent.model.errors import NotFoundError, ValidationError, Violation
 from policyagent.model.exportfmt import export_file, import_plan
-from policyagent.model.objects import Kind, StoreObject, normalize_id
+from policyagent.model.objects import SECRET_MASK, Kind, StoreObject, normalize_id
 from policyagent.model.view import StoreView
 from policyagent.model.writes import Delete, Mutation, Put
 from policyagent.pb import admin_grpc, admin_pb, pb
 from policyagent.server.errors import abort_with_error
 from policyagent.store.base import ChangeRecord, PolicyStore, WriteResult
 
-SECRET_MASK = "********"
 USER_METADATA_KEY = "x-policyagent-user"
 DEFAULT_CHANGES_LIMIT = 1000
 # Bounds one ListChanges response; a client pages on with after_seq.
@@ -141,6 +140,7 @@ def change_to_proto(record: ChangeRecord) -> admin_pb.Change:
         object_id=record.object_id,
         object_name=record.object_name,
         revision=record.revision,
+        context=record.context,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import fcntl
 import ipaddress
 import json
 import logging
@@ -33,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policyagent.model.defaults import restore_defaults_plan
+from policyagent.pb import GRPC_MESSAGE_OPTIONS
 from policyagent.server.admin import SERVICE_NAME, PolicyAdminServicer, add_to_server
 from policyagent.store.base import PolicyStore
 from policyagent.store.sqlite import SqliteStore
@@ -201,6 +203,25 @@ def prepare_data_dir(path: Path) -> Path:
     return path
 
 
+LOCK_FILE = "server.lock"
+
+
+def lock_data_dir(path: Path) -> int:
+    """Take the data directory's lock for this process's lifetime; returns the fd to close.
+
+    Two servers on one store would each believe their view is the store's: refuse the second.
+    """
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"another policyagent server is already using the data directory {path}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 # ------------------------------------------------------------ server
 
 
@@ -227,6 +248,7 @@ class PolicyServer:
         self._health: Any = None
         self._address = ""
         self._stopped = False
+        self._lock_fd: int | None = None
 
     @property
     def address(self) -> str:
@@ -240,6 +262,7 @@ class PolicyServer:
         """Open the store, bind and serve. Returns the bound address."""
         data_dir = prepare_data_dir(self._config.data_dir)
         store_path = data_dir / STORE_FILE
+        self._lock_fd = lock_data_dir(data_dir)
         try:
             self._store = await self._in_store_thread(self._store_factory, store_path)
             assert self._store is not None
@@ -248,7 +271,7 @@ class PolicyServer:
 
             # No SO_REUSEPORT: a second server on the same port must fail to bind,
             # not silently share the admins' connections with this one.
-            server = aio.server(options=[("grpc.so_reuseport", 0)])
+            server = aio.server(options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS])
             add_to_server(PolicyAdminServicer(self._store, self._executor), server)
             # The grpc.aio flavour of the health servicer: its set() is a coroutine.
             self._health = health_async.HealthServicer()
@@ -316,13 +339,14 @@ class PolicyServer:
 
     async def _close(self) -> None:
         store, self._store = self._store, None
-        if store is not None:
-            try:
+        lock_fd, self._lock_fd = self._lock_fd, None
+        try:
+            if store is not None:
                 await self._in_store_thread(store.close)
-            finally:
-                self._executor.shutdown(wait=True)
-        else:
+        finally:
             self._executor.shutdown(wait=True)
+            if lock_fd is not None:
+                os.close(lock_fd)
 
 
 def _check_unix_path_free(path: str) -> None:

@@ -334,15 +334,18 @@ class Change(_message.Message):
     OBJECT_ID_FIELD_NUMBER: _builtins.int
     OBJECT_NAME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     time_unix_ms: _builtins.int
     principal: _builtins.str
     operation: _builtins.str
-    """create | update | delete | assign | unassign | import | restore-defaults"""
+    """create | update | delete | assign | unassign"""
     kind: Global___ObjectKind.ValueType
     object_id: _builtins.str
     object_name: _builtins.str
     revision: _builtins.int
+    context: _builtins.str
+    """what the admin asked for, e.g. "netsh: add filter" """
     def __init__(
         self,
         *,
@@ -354,10 +357,11 @@ class Change(_message.Message):
         object_id: _builtins.str = ...,
         object_name: _builtins.str = ...,
         revision: _builtins.int = ...,
+        context: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "object_id", b"object_id", "object_name", b"object_name", "operation", b"operation", "principal", b"principal", "revision", b"revision", "seq", b"seq", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "kind", b"kind", "object_id", b"object_id", "object_name", b"object_name", "operation", b"operation", "principal", b"principal", "revision", b"revision", "seq", b"seq", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
