@@ -34,7 +34,8 @@ from builders import big_filter_list, policy_using  # noqa: E402
 
 from policyagent.model.defaults import default_contents  # noqa: E402
 from policyagent.model.writes import Put  # noqa: E402
-from policyagent.pb import admin_grpc, admin_pb  # noqa: E402
+from policyagent.pb import GRPC_MESSAGE_OPTIONS, admin_grpc, admin_pb  # noqa: E402
+from policyagent.pki.tls import load_cert_dir  # noqa: E402
 from policyagent.store.sqlite import SqliteStore  # noqa: E402
 
 
@@ -67,7 +68,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, address = start_server(Path(tmp) / "data")
         try:
-            channel = grpc.insecure_channel(address)
+            # mTLS with the local administrator's certificate the server made in its data dir.
+            admin_dir = Path(tmp) / "data" / "admin"
+            channel = grpc.secure_channel(
+                address, load_cert_dir(admin_dir).channel_credentials(), options=GRPC_MESSAGE_OPTIONS
+            )
             stub = admin_grpc.PolicyAdminStub(channel)
 
             start = time.perf_counter()
@@ -103,7 +108,7 @@ def main() -> None:
                 out = io.StringIO()
                 start = time.perf_counter()
                 with contextlib.redirect_stdout(out):
-                    code = netsh(["-r", address, "ipsec", "static", "show", "all"])
+                    code = netsh(["-r", address, "--cert-dir", str(admin_dir), "ipsec", "static", "show", "all"])
                 times.append(time.perf_counter() - start)
                 size = len(out.getvalue())
                 assert code == 0, code

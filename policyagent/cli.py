@@ -28,7 +28,16 @@ def _run_server(args: argparse.Namespace) -> int:
     from policyagent.server.app import ServerConfig, configure_logging, serve
 
     configure_logging(args.log_level)
-    config = ServerConfig(data_dir=Path(args.data_dir), listen=args.listen, grace_seconds=args.grace)
+    config = ServerConfig(
+        data_dir=Path(args.data_dir),
+        listen=args.listen,
+        grace_seconds=args.grace,
+        enroll_listen=args.enroll_listen,
+        tls_names=tuple(args.tls_name or ()),
+        kerberos_keytab=Path(args.kerberos_keytab) if args.kerberos_keytab else None,
+        kerberos_principal=args.kerberos_principal,
+        workgroup_secret_file=Path(args.workgroup_secret_file) if args.workgroup_secret_file else None,
+    )
     asyncio.run(serve(config))
     return EXIT_OK
 
@@ -40,9 +49,9 @@ def _add_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "server",
         help="run the policy server",
         description=(
-            "Run the policy server: the domain policy store and the PolicyAdmin gRPC API. "
-            "Without authentication (not implemented yet) it listens only on loopback or a "
-            "unix socket."
+            "Run the policy server: the domain policy store, the CA and the gRPC APIs. Every "
+            "connection is TLS; --listen needs a client certificate (admin or agent), "
+            "--enroll-listen serves enrollment to machines without one."
         ),
     )
     parser.add_argument(
@@ -54,7 +63,34 @@ def _add_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "--listen",
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT|unix:PATH",
-        help="loopback address (port 0 = any free port) or unix socket (default: %(default)s)",
+        help="address for admins and agents, mTLS (port 0 = any free port) or unix socket (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--enroll-listen",
+        metavar="HOST:PORT|unix:PATH",
+        help="address for enrollment, TLS without client certificates (default: the --listen port + 1)",
+    )
+    parser.add_argument(
+        "--tls-name",
+        action="append",
+        metavar="NAME|IP",
+        help="a name or address clients use to reach the server, put in its certificate (repeatable)",
+    )
+    parser.add_argument(
+        "--kerberos-keytab",
+        metavar="FILE",
+        help="keytab of the server's service principal: enables Kerberos enrollment",
+    )
+    parser.add_argument(
+        "--kerberos-principal",
+        metavar="NAME",
+        help="the service principal to accept tokens for, e.g. policyagent/server.example.com@EXAMPLE.COM "
+        "(default: any principal in the keytab)",
+    )
+    parser.add_argument(
+        "--workgroup-secret-file",
+        metavar="FILE",
+        help="file holding the workgroup's enrollment secret: enables workgroup enrollment",
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s")
     parser.add_argument(
@@ -67,9 +103,34 @@ def _add_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.set_defaults(handler=_run_server)
 
 
+def _add_agent_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from policyagent.agent.cmd import add_agent, add_agent_status
+    from policyagent.server.fleetcmd import add_fleet
+
+    add_agent(subparsers)
+    add_agent_status(subparsers)
+    add_fleet(subparsers)
+
+
+def _add_identity_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from policyagent.pki.commands import SUBCOMMANDS
+
+    for add in SUBCOMMANDS:
+        add(subparsers)
+
+
+def _add_assignment_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from clients.assignment.cli import add_subcommands
+
+    add_subcommands(subparsers)  # ou, site, group, computer, gpo, rsop
+
+
 # Later subcommands (agent, rsop, admin-cert) add themselves here.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_server,
+    _add_identity_commands,
+    _add_agent_commands,
+    _add_assignment_commands,
 ]
 
 

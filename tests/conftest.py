@@ -2,12 +2,20 @@
 
 Every server listens on port 0 (or a unix socket in a temp dir) and keeps its
 data in a temp dir, so tests can run in parallel (pytest-xdist) on one machine.
+
+Every connection is mTLS. So that tests (and netsh run by them, in-process or
+as a subprocess) need no per-server certificate plumbing, each test session
+makes one CA and one admin certificate (`test_pki`): a server started through
+these fixtures on a new data directory gets that CA copied into <data-dir>/pki,
+and $POLICYAGENT_ADMIN_DIR points at the admin certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,27 +28,82 @@ import grpc
 import pytest
 
 from policyagent.pb import admin_grpc
+from policyagent.pki.ca import CertificateAuthority
+from policyagent.pki.identity import IdentityStore
+from policyagent.pki.server import PKI_SUBDIR, write_admin_dir
+from policyagent.pki.tls import ADMIN_DIR_ENV, ClientCertificate, load_cert_dir, tls_options
 from policyagent.server.app import PolicyServer, ServerConfig
 from policyagent.store.base import PolicyStore
 
 START_TIMEOUT_S = 30.0
 RPC_TIMEOUT_S = 10.0
 LISTENING_PREFIX = "listening on "
+ENROLLMENT_PREFIX = "enrollment on "
+
+# The session's CA template and admin certificate (set by the test_pki fixture).
+_pki_template: Path | None = None
+
+
+def make_pki_template(base: Path, admin: str = "test-admin") -> Path:
+    """A CA in base/pki and an admin certificate in base/admin; returns base."""
+    ca, _ = CertificateAuthority.load_or_create(base / PKI_SUBDIR)
+    identity = IdentityStore(base / "identity.sqlite3")
+    try:
+        write_admin_dir(base / "admin", ca, identity, admin)
+    finally:
+        identity.close()
+    return base
+
+
+def seed_pki(data_dir: Path) -> None:
+    """Give a new data directory the session's CA (the server then trusts the session's admin certificate)."""
+    if _pki_template is not None and not (data_dir / PKI_SUBDIR).exists():
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copytree(_pki_template / PKI_SUBDIR, data_dir / PKI_SUBDIR)
+
+
+def admin_certificate() -> ClientCertificate:
+    """The session's admin certificate (trusted by every server these fixtures start)."""
+    assert _pki_template is not None, "the test_pki fixture has not run"
+    return load_cert_dir(_pki_template / "admin")
+
+
+def admin_channel(address: str) -> grpc.Channel:
+    return grpc.secure_channel(address, admin_certificate().channel_credentials(), options=tls_options(address))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's CA template; $POLICYAGENT_ADMIN_DIR points at its admin certificate."""
+    global _pki_template
+    base = make_pki_template(tmp_path_factory.mktemp("pki-template"))
+    _pki_template = base
+    old = os.environ.get(ADMIN_DIR_ENV)
+    os.environ[ADMIN_DIR_ENV] = str(base / "admin")
+    yield base
+    if old is None:
+        os.environ.pop(ADMIN_DIR_ENV, None)
+    else:
+        os.environ[ADMIN_DIR_ENV] = old
+    _pki_template = None
 
 
 class ServerProcess:
     """A `policyagent server` subprocess and the address it announced on stdout."""
 
-    def __init__(self, proc: subprocess.Popen[str], address: str, data_dir: Path, stderr_path: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], address: str, data_dir: Path, stderr_path: Path, enroll_address: str = ""
+    ) -> None:
         self.proc = proc
         self.address = address
+        self.enroll_address = enroll_address
         self.data_dir = data_dir
         self.stderr_path = stderr_path
         self._channels: list[grpc.Channel] = []
 
     def channel(self) -> grpc.Channel:
-        """A new (sync) channel to the server, closed when the server is stopped."""
-        channel = grpc.insecure_channel(self.address)
+        """A new (sync) mTLS channel to the server with the admin certificate, closed when the server is stopped."""
+        channel = admin_channel(self.address)
         self._channels.append(channel)
         return channel
 
@@ -92,6 +155,7 @@ def start_server_process(
     """Start `python -m policyagent.cli server` and wait for its `listening on` line."""
     log_dir = log_dir or data_dir.parent
     log_dir.mkdir(parents=True, exist_ok=True)
+    seed_pki(data_dir)
     stderr_path = log_dir / f"server-{time.monotonic_ns()}.stderr"
     with stderr_path.open("w", encoding="utf-8") as stderr:
         # stderr goes to a file, not a pipe, so a chatty server never blocks on a full pipe.
@@ -119,7 +183,10 @@ def start_server_process(
             f"server did not announce its address (stdout {line!r}, exit {proc.returncode}):\n"
             + stderr_path.read_text(encoding="utf-8", errors="replace")
         )
-    return ServerProcess(proc, line[len(LISTENING_PREFIX) :].strip(), data_dir, stderr_path)
+    # The enrollment address follows at once on the second line.
+    second = proc.stdout.readline()
+    enroll = second[len(ENROLLMENT_PREFIX) :].strip() if second.startswith(ENROLLMENT_PREFIX) else ""
+    return ServerProcess(proc, line[len(LISTENING_PREFIX) :].strip(), data_dir, stderr_path, enroll)
 
 
 @pytest.fixture
@@ -156,12 +223,13 @@ class InProcessServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="inproc-server", daemon=True)
         self._thread.start()
+        seed_pki(data_dir)
         self.server = PolicyServer(ServerConfig(data_dir=data_dir, listen="127.0.0.1:0"), store_factory)
         self.address = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(START_TIMEOUT_S)
         self._channels: list[grpc.Channel] = []
 
     def admin(self) -> admin_grpc.PolicyAdminStub:
-        channel = grpc.insecure_channel(self.address)
+        channel = admin_channel(self.address)
         self._channels.append(channel)
         return admin_grpc.PolicyAdminStub(channel)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RPC_TIMEOUT_S, InProcessServer, ServerProcess, server_command
+from conftest import RPC_TIMEOUT_S, InProcessServer, ServerProcess, admin_certificate, server_command
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -215,8 +215,8 @@ def test_apply_create_update_delete_round_trip(server: ServerProcess) -> None:
     assert [c.operation for c in mine] == ["create", "update", "delete"]
     assert mine[1].context == "set filterlist"
     assert all(c.kind == admin_pb.OBJECT_KIND_FILTER_LIST for c in mine)
-    # No authentication yet: the claimed user and the peer address, labelled as such.
-    assert all(c.principal.startswith("unauthenticated:alice@ipv4:127.0.0.1:") for c in mine)
+    # The admin certificate's name (authenticated), then the user the client claims.
+    assert all(c.principal == "admin:test-admin/alice" for c in mine)
 
 
 def test_dry_run_writes_nothing(server: ServerProcess) -> None:
@@ -369,12 +369,22 @@ def test_list_changes_pages(server: ServerProcess) -> None:
 
 
 class _BrokenStore(SqliteStore):
-    """A store whose reads fail the way a bug or a dying disk would."""
+    """A store whose reads fail the way a bug or a dying disk would (once `broken` is set).
+
+    The server reads the whole store at start (effective policies), so the store
+    breaks only after that.
+    """
+
+    broken = False
 
     def snapshot(self) -> tuple[pb.StoreContents, int]:
+        if not self.broken:
+            return super().snapshot()
         raise RuntimeError("secret internal detail /var/lib/x")
 
     def get(self, kind: Kind, object_id: str) -> pb.Policy | pb.FilterList | pb.FilterAction | None:
+        if not self.broken:
+            return super().get(kind, object_id)
         raise StoreError("store /var/lib/x/store.sqlite3 is corrupt (database disk image is malformed)")
 
 
@@ -383,9 +393,10 @@ def _broken_store(path: Path) -> PolicyStore:
 
 
 def test_unexpected_error_is_internal_without_detail(
-    inproc_server: Callable[..., InProcessServer], caplog: pytest.LogCaptureFixture
+    inproc_server: Callable[..., InProcessServer], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stub = inproc_server(_broken_store).admin()
+    monkeypatch.setattr(_BrokenStore, "broken", True)
     exc = rpc_error(lambda: stub.GetStore(admin_pb.GetStoreRequest(), timeout=RPC_TIMEOUT_S))
     assert code_of(exc) == grpc.StatusCode.INTERNAL
     assert details_of(exc) == "internal error (see server log)"
@@ -458,15 +469,24 @@ def test_error_without_detail_is_an_rpc_failure() -> None:
 # ---------------------------------------------------------------- listening
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.3.4.5:50051", "localhost:0", "[::1]:0", "unix:/run/pa.sock"])
-def test_loopback_and_unix_addresses_are_accepted(listen: str) -> None:
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "127.0.0.1:0",
+        "127.3.4.5:50051",
+        "localhost:0",
+        "[::1]:0",
+        "unix:/run/pa.sock",
+        # Every connection is TLS and every call but enrollment needs a certificate: any address will do.
+        "0.0.0.0:0",
+        "10.1.2.3:0",
+        "[::]:0",
+        "host.example:0",
+        "192.0.2.1:443",
+    ],
+)
+def test_addresses_are_accepted(listen: str) -> None:
     parse_listen(listen)
-
-
-@pytest.mark.parametrize("listen", ["0.0.0.0:0", "10.1.2.3:0", "[::]:0", "host.example:0", "192.0.2.1:443"])
-def test_other_addresses_are_refused(listen: str) -> None:
-    with pytest.raises(ConfigError, match="mTLS"):
-        parse_listen(listen)
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1", ":0", "127.0.0.1:99999", "::1:0", "unix:", "[::1]0"])
@@ -475,20 +495,18 @@ def test_malformed_addresses_are_refused(listen: str) -> None:
         parse_listen(listen)
 
 
-@pytest.mark.parametrize("listen", ["0.0.0.0:0", "10.1.2.3:0"])
-def test_server_refuses_non_loopback_listen(listen: str, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    result = subprocess.run(
-        server_command(data_dir, listen), capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode != 0
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert listen in lines[0]
-    assert "authentication (mTLS) is not implemented yet" in lines[0]
-    assert "loopback" in lines[0] and "unix socket" in lines[0]
-    assert not data_dir.exists()  # refused before doing anything
+def test_server_listens_on_all_addresses_with_tls_only(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(listen="0.0.0.0:0")
+    port = server.address.rsplit(":", 1)[1]
+    # Reached over loopback with the admin certificate (127.0.0.1 is in the server's certificate).
+    with grpc.secure_channel(f"127.0.0.1:{port}", admin_certificate().channel_credentials()) as channel:
+        admin_grpc.PolicyAdminStub(channel).GetStore(admin_pb.GetStoreRequest(), timeout=RPC_TIMEOUT_S)
+    # Plain-text gRPC gets nothing: the port speaks TLS only.
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        exc = rpc_error(
+            lambda: admin_grpc.PolicyAdminStub(channel).GetStore(admin_pb.GetStoreRequest(), timeout=RPC_TIMEOUT_S)
+        )
+    assert code_of(exc) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_unix_socket_listen(start_server: Callable[..., ServerProcess]) -> None:
@@ -552,7 +570,7 @@ def test_logs_are_json_lines(start_server: Callable[..., ServerProcess]) -> None
     records = [json.loads(line) for line in server.stderr().splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     calls = [r for r in records if r.get("method") == "Apply"]
-    assert calls and calls[0]["code"] == "ok" and calls[0]["principal"].startswith("unauthenticated:bob@")
+    assert calls and calls[0]["code"] == "ok" and calls[0]["principal"] == "admin:test-admin/bob"
     assert isinstance(calls[0]["duration_ms"], int | float)
 
 

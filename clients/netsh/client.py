@@ -1,4 +1,9 @@
-"""The PolicyAdmin connection: which server, who is asking, and errors as PolicyErrors."""
+"""The PolicyAdmin connection: which server, who is asking (an admin certificate), errors as PolicyErrors.
+
+Every connection is mTLS: the admin certificate is found as policyagent.pki.tls
+describes (--cert-dir, $POLICYAGENT_ADMIN_DIR, ./policyagent-data/admin,
+~/.config/policyagent/admin), only when the first call is made, so help needs none.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from clients.netsh.errors import ServerUnreachable
+from clients.netsh.errors import NoAdminCertificate, ServerRefusedCertificate, ServerUnreachable
 from policyagent.model.errors import PolicyError
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, admin_grpc, admin_pb, pb
+from policyagent.pki.tls import ClientCertificate, NoCertificate, find_admin_certificate, tls_options
 from policyagent.server.errors import RpcFailure, error_from_rpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -57,19 +63,46 @@ def _user() -> str:
 class AdminClient:
     """A synchronous PolicyAdmin client; every call carries the user's name for the change log."""
 
-    def __init__(self, target: str, timeout: float = CALL_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout: float = CALL_TIMEOUT_SECONDS,
+        *,
+        cert_dir: str | None = None,
+        certificate: ClientCertificate | None = None,
+    ) -> None:
         self.target = target
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=GRPC_MESSAGE_OPTIONS)
-        self._stub = admin_grpc.PolicyAdminStub(self._channel)
+        self._cert_dir = cert_dir
+        self._certificate = certificate
+        self._channel: grpc.Channel | None = None
+        self._stub_: admin_grpc.PolicyAdminStub | None = None
         self._metadata = ((USER_METADATA_KEY, _user()),)
 
-    def close(self) -> None:
-        self._channel.close()
+    @property
+    def _stub(self) -> admin_grpc.PolicyAdminStub:
+        # Connect on first use: commands that only print help need no certificate.
+        if self._stub_ is None:
+            if self._certificate is None:
+                try:
+                    self._certificate = find_admin_certificate(self._cert_dir)
+                except NoCertificate as exc:
+                    raise NoAdminCertificate(str(exc)) from None
+            self._channel = grpc.secure_channel(
+                self.target,
+                self._certificate.channel_credentials(),
+                options=[*GRPC_MESSAGE_OPTIONS, *tls_options(self.target)],
+            )
+            self._stub_ = admin_grpc.PolicyAdminStub(self._channel)
+        return self._stub_
 
-    def _call(self, method: Callable[..., R], request: Message) -> R:
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+    def _call(self, method: Callable[[admin_grpc.PolicyAdminStub], Callable[..., R]], request: Message) -> R:
         try:
-            return method(request, metadata=self._metadata, timeout=self._timeout)
+            return method(self._stub)(request, metadata=self._metadata, timeout=self._timeout)
         except grpc.RpcError as exc:
             raise self._translate(exc) from exc
 
@@ -78,8 +111,16 @@ class AdminClient:
         if not isinstance(error, RpcFailure):
             return error
         detail = error.message.split(": ", 1)[-1]
+        source = self._certificate.source if self._certificate is not None else "?"
+        if error.status in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return ServerRefusedCertificate(
+                f"the policy server at {self.target} refused the admin certificate in {source}: {detail}"
+            )
         if error.status == grpc.StatusCode.UNAVAILABLE:
-            return ServerUnreachable(f"cannot reach the policy server at {self.target} ({detail}); {_HOW_TO_START}")
+            return ServerUnreachable(
+                f"cannot reach the policy server at {self.target} ({detail}); {_HOW_TO_START} "
+                f"(if it runs, it may not trust the admin certificate in {source}, or it is another server's)"
+            )
         if error.status == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerUnreachable(
                 f"the policy server at {self.target} did not answer within {self._timeout:g} seconds"
@@ -90,21 +131,21 @@ class AdminClient:
 
     def get_store(self) -> pb.StoreContents:
         # Secrets are needed: writes put whole objects back, pre-shared keys included.
-        response = self._call(self._stub.GetStore, admin_pb.GetStoreRequest(include_secrets=True))
+        response = self._call(lambda stub: stub.GetStore, admin_pb.GetStoreRequest(include_secrets=True))
         return response.contents
 
     def apply(self, mutations: list[admin_pb.Mutation], operation: str) -> admin_pb.ApplyResponse:
         request = admin_pb.ApplyRequest(mutations=mutations, operation=operation)
-        return self._call(self._stub.Apply, request)
+        return self._call(lambda stub: stub.Apply, request)
 
     def restore_defaults(self) -> admin_pb.ApplyResponse:
-        return self._call(self._stub.RestoreDefaults, admin_pb.RestoreDefaultsRequest())
+        return self._call(lambda stub: stub.RestoreDefaults, admin_pb.RestoreDefaultsRequest())
 
     def delete_all(self) -> admin_pb.ApplyResponse:
-        return self._call(self._stub.DeleteAll, admin_pb.DeleteAllRequest())
+        return self._call(lambda stub: stub.DeleteAll, admin_pb.DeleteAllRequest())
 
     def export_policies(self) -> pb.ExportFile:
-        return self._call(self._stub.ExportPolicies, admin_pb.ExportRequest())
+        return self._call(lambda stub: stub.ExportPolicies, admin_pb.ExportRequest())
 
     def import_policies(self, file: pb.ExportFile) -> admin_pb.ApplyResponse:
-        return self._call(self._stub.ImportPolicies, admin_pb.ImportRequest(file=file))
+        return self._call(lambda stub: stub.ImportPolicies, admin_pb.ImportRequest(file=file))

@@ -647,6 +647,39 @@ def dump_store(ctx: Context, inv: Invocation) -> None:
     ctx.out.write(dump.dump_script(ctx.client.get_store()))
 
 
+def show_gpoassignedpolicy(ctx: Context, inv: Invocation) -> None:
+    """The IPsec policy each GPO assigns (Windows Server 2003's `show gpoassignedpolicy`), and its links."""
+    from clients.assignment.client import AssignmentClient
+
+    topology = AssignmentClient.sharing(ctx.client).topology()
+    gpos = sorted(topology.gpos, key=lambda g: name_key(g.name))
+    if inv.has("name"):
+        wanted = name_key(_str(inv.get("name")))
+        gpos = [g for g in gpos if name_key(g.name) == wanted or g.id.casefold() == wanted]
+        if not gpos:
+            raise NotFoundError(f'there is no Group Policy object named "{_str(inv.get("name"))}"')
+    if ctx.json:
+        ctx.say(json_format.MessageToJson(type(topology)(gpos=gpos, links=topology.links)))
+        return
+    if not gpos:
+        ctx.say("No Group Policy objects in the registry (policyagent gpo add NAME --policy POLICY).")
+        return
+    for gpo in gpos:
+        links = []
+        for lk in topology.links:
+            if lk.gpo == gpo.id:
+                flags = (", enforced" if lk.enforced else "") + ("" if lk.enabled else ", link disabled")
+                links.append(f"{lk.scope} (order {lk.order}{flags})")
+        ctx.say(
+            f"GPO Name               : {gpo.name}\n"
+            f"GPO Id                 : {gpo.id}\n"
+            f"GPO Enabled            : {'Yes' if gpo.enabled else 'No'}\n"
+            f"Assigned Policy Name   : {gpo.policy_name or 'None'}\n"
+            f"Assigned Policy Id     : {gpo.policy_id or 'None'}\n"
+            f"Linked To              : {'; '.join(links) or 'not linked'}\n"
+        )
+
+
 Handler = Callable[[Context, Invocation], None]
 
 HANDLERS: dict[tuple[str, ...], Handler] = {
@@ -675,6 +708,7 @@ HANDLERS: dict[tuple[str, ...], Handler] = {
     ("importpolicy",): importpolicy,
     ("restoredefaults",): restoredefaults,
     ("dump",): dump_store,
+    ("show", "gpoassignedpolicy"): show_gpoassignedpolicy,
 }
 
 

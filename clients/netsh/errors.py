@@ -30,3 +30,15 @@ class ServerUnreachable(PolicyError):
     """The policy server could not be reached or did not answer."""
 
     code = "unreachable"
+
+
+class NoAdminCertificate(PolicyError):
+    """No admin certificate was found to connect with; the message says where netsh looked."""
+
+    code = "netsh"
+
+
+class ServerRefusedCertificate(PolicyError):
+    """The server refused the admin certificate (revoked, not an admin's, another CA's)."""
+
+    code = "netsh"

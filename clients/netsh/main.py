@@ -1,6 +1,6 @@
 """`netsh`: options, contexts, scripts (-f), the interactive reader, and errors as exit codes.
 
-    netsh [-r HOST:PORT | -r unix:PATH] [-f SCRIPT] [--debug] [--json] [ipsec static <command> ...]
+    netsh [-r HOST:PORT | -r unix:PATH] [--cert-dir DIR] [-f SCRIPT] [--debug] [--json] [ipsec static <command> ...]
 
 A line (from the command line, a script or standard input) is interpreted in a
 context, as Windows netsh does: at the root it must start with `ipsec static`;
@@ -33,6 +33,7 @@ _EXIT_WORDS = frozenset({"exit", "quit", "bye"})
 @dataclass
 class Options:
     server: str | None = None
+    cert_dir: str | None = None
     script: str | None = None
     debug: bool = False
     json: bool = False
@@ -46,7 +47,7 @@ def parse_options(argv: Sequence[str]) -> Options:
     while args and args[0].startswith("-") and args[0].lower() not in HELP_TOKENS:
         arg = args.pop(0)
         name, eq, inline = arg.partition("=")
-        if name in ("-r", "--remote", "-f", "--file"):
+        if name in ("-r", "--remote", "-f", "--file", "--cert-dir"):
             if eq:
                 value = inline
             elif args:
@@ -55,6 +56,8 @@ def parse_options(argv: Sequence[str]) -> Options:
                 raise UsageError(f"{name} needs a value")
             if name in ("-r", "--remote"):
                 opts.server = value
+            elif name == "--cert-dir":
+                opts.cert_dir = value
             else:
                 opts.script = value
         elif arg == "--debug":
@@ -64,7 +67,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         elif arg == "--":
             break
         else:
-            raise UsageError(f'unknown option "{arg}"; options: -r SERVER, -f SCRIPT, --debug, --json')
+            raise UsageError(f'unknown option "{arg}"; options: -r SERVER, --cert-dir DIR, -f SCRIPT, --debug, --json')
     opts.words = args
     return opts
 
@@ -221,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse_options(args)
     except UsageError as exc:
         return _report(exc, err, "netsh: ", debug)
-    client = AdminClient(server_target(opts.server))
+    client = AdminClient(server_target(opts.server), cert_dir=opts.cert_dir)
     shell = Shell(Context(client, json=opts.json, out=out), out, debug=opts.debug)
     try:
         if opts.script is not None:

@@ -818,6 +818,13 @@ STATIC_COMMANDS: tuple[Command, ...] = (
         remarks="Objects you made are not touched.",
     ),
     Command(("dump",), "Prints a netsh script that makes any store identical to this one."),
+    Command(
+        ("show", "gpoassignedpolicy"),
+        "Shows the IPsec policy a Group Policy object assigns, and where the GPO is linked.",
+        (_p(NAME),),
+        remarks="Without name= every GPO of the server's registry is shown (policyagent gpo ... manages them).",
+        positional=("name",),
+    ),
 )
 
 

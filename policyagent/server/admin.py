@@ -25,6 +25,7 @@ from policyagent.model.objects import SECRET_MASK, Kind, StoreObject, normalize_
 from policyagent.model.view import StoreView
 from policyagent.model.writes import Delete, Mutation, Put
 from policyagent.pb import admin_grpc, admin_pb, pb
+from policyagent.pki.authz import peer_of
 from policyagent.server.errors import abort_with_error
 from policyagent.store.base import ChangeRecord, PolicyStore, WriteResult
 
@@ -249,10 +250,10 @@ def error_code_of(exc: BaseException) -> str:
 
 
 def principal_of(context: aio.ServicerContext[Any, Any]) -> str:
-    """Who is calling, for the change log.
+    """Who is calling, for the change log: "admin:<certificate name>/<user>".
 
-    There is no authentication yet (mTLS comes next), so this is what the caller
-    claims plus where it came from, labelled as such: "unauthenticated:<user>@<peer>".
+    The certificate name is authenticated (mTLS, checked by the AuthzInterceptor);
+    the user is what the client says it runs as, for the record.
     """
     user = ""
     for key, value in context.invocation_metadata() or ():
@@ -262,7 +263,10 @@ def principal_of(context: aio.ServicerContext[Any, Any]) -> str:
     # The name lands in the change log and the log lines: keep it short and printable.
     user = "".join(ch for ch in user.strip() if ch.isprintable() and ch not in "@ ")
     user = user[:_MAX_USER_LEN] or "?"
-    return f"unauthenticated:{user}@{context.peer()}"
+    peer = peer_of(context)
+    if peer is None:  # only reachable without the AuthzInterceptor (it refuses such calls)
+        return f"unauthenticated:{user}@{context.peer()}"
+    return f"{peer.role}:{peer.name}/{user}"
 
 
 # ------------------------------------------------------------ servicer

@@ -4,8 +4,12 @@
 server without the process concerns (signals, the "listening on" line), for
 tests and for embedding.
 
-Until authentication (mTLS) exists, anyone who can connect is an administrator,
-so the server only listens on loopback addresses or a unix socket (made 0600).
+Every connection is TLS with the server's CA (policyagent/pki). The main port
+(--listen) requires a client certificate: admins' for PolicyAdmin and the other
+admin services, agents' for Distribution (AuthzInterceptor). The enrollment port
+(--enroll-listen, by default the next port) authenticates only the server, so a
+machine without a certificate can enroll (Enrollment) and check health there.
+Two ports because grpc's Python API cannot ask for an optional client certificate.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import fcntl
-import ipaddress
+import functools
 import json
 import logging
 import os
@@ -33,13 +37,21 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from policyagent.auth.service import EnrollmentServicer, EnrollmentSettings
 from policyagent.model.defaults import restore_defaults_plan
-from policyagent.pb import GRPC_MESSAGE_OPTIONS
+from policyagent.pb import GRPC_MESSAGE_OPTIONS, enroll_grpc
+from policyagent.pki.authz import AuthzInterceptor
+from policyagent.pki.identity import Peer
+from policyagent.pki.server import ServerPki
 from policyagent.server.admin import SERVICE_NAME, PolicyAdminServicer, add_to_server
+from policyagent.server.assignment import SERVICE_NAME as ASSIGNMENT_SERVICE
+from policyagent.server.assignment import AssignmentParts, add_assignment_to_server, open_assignment
+from policyagent.server.hub import DISTRIBUTION_SERVICE, FLEET_SERVICE, Hub, attach_distribution
 from policyagent.store.base import PolicyStore
 from policyagent.store.sqlite import SqliteStore
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+ENROLLMENT_SERVICE = "policyagent.v1.Enrollment"
 DEFAULT_DATA_DIR = "./policyagent-data"
 STORE_FILE = "store.sqlite3"
 SEED_PRINCIPAL = "policyagent"
@@ -59,6 +71,14 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     # Seconds in-flight calls get to finish on shutdown before they are cancelled.
     grace_seconds: float = 5.0
+    # The enrollment port (TLS without client certificates); None: see default_enroll_listen.
+    enroll_listen: str | None = None
+    # Extra names/addresses for the server's TLS certificate (besides the listen hosts, localhost,
+    # 127.0.0.1, ::1): the names agents and admins use to reach it.
+    tls_names: tuple[str, ...] = ()
+    kerberos_keytab: Path | None = None
+    kerberos_principal: str | None = None
+    workgroup_secret_file: Path | None = None
 
 
 # ------------------------------------------------------------ listen address
@@ -89,17 +109,12 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-_NO_AUTH = (
-    "authentication (mTLS) is not implemented yet, so the server only listens on "
-    "loopback (127.0.0.0/8, ::1, localhost) or a unix socket (unix:/path)"
-)
-
-
 def parse_listen(value: str) -> ListenAddress:
-    """Check a --listen value: HOST:PORT on loopback, [::1]:PORT, or unix:/path.
+    """Check a --listen value: HOST:PORT, [v6]:PORT, or unix:/path.
 
-    Raises ConfigError (before anything is bound) for a malformed value or a
-    non-loopback host.
+    Raises ConfigError (before anything is bound) for a malformed value. Any host
+    is allowed: every connection is TLS, and every call but enrollment and health
+    needs a certificate from the server's CA.
     """
     text = value.strip()
     if text.startswith("unix:"):
@@ -122,18 +137,26 @@ def parse_listen(value: str) -> ListenAddress:
             raise ConfigError(f"cannot listen on {value!r}: write an IPv6 address as [::1]:PORT")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"cannot listen on {value!r}: the port must be a number from 0 to 65535")
-    if not _is_loopback(host):
-        raise ConfigError(f"refusing to listen on {value}: {_NO_AUTH}")
     return ListenAddress(host=host, port=int(port_text))
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # any other name could resolve anywhere
+def default_enroll_listen(listen: ListenAddress) -> str:
+    """The enrollment port when none is given: the next port (any free one for port 0), or PATH.enroll."""
+    if listen.unix_path:
+        return f"unix:{listen.unix_path}.enroll"
+    port = listen.port + 1 if listen.port else 0
+    if port > 65535:
+        raise ConfigError(f"cannot derive the enrollment port from port {listen.port}: give --enroll-listen")
+    return f"{_bracket(listen.host)}:{port}"
+
+
+def _tls_hosts(config: ServerConfig, *listens: ListenAddress) -> list[str]:
+    """Names and addresses for the server certificate's SANs (localhost and loopback are always added)."""
+    hosts = [a.host for a in listens if a.host] + list(config.tls_names)
+    if any(h in ("0.0.0.0", "::", "") for h in (a.host for a in listens if not a.unix_path)):
+        # Listening everywhere: the machine's own names are how clients will reach it.
+        hosts += [socket.gethostname(), socket.getfqdn()]
+    return hosts
 
 
 # ------------------------------------------------------------ logging
@@ -241,7 +264,10 @@ class PolicyServer:
     ) -> None:
         self._config = config
         self._listen = parse_listen(config.listen)
-        self._store_factory: Callable[[Path], PolicyStore] = store_factory or SqliteStore
+        self._enroll_listen = parse_listen(config.enroll_listen or default_enroll_listen(self._listen))
+        self._store_factory = store_factory
+        self._pki: ServerPki | None = None
+        self._enroll_address = ""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyagent-store")
         self._store: PolicyStore | None = None
         self._server: aio.Server | None = None
@@ -249,11 +275,49 @@ class PolicyServer:
         self._address = ""
         self._stopped = False
         self._lock_fd: int | None = None
+        # The registry, the effective policies and the observed stores (policyagent/server/assignment.py).
+        self.assignment: AssignmentParts | None = None
+        # The distribution hub (agents' streams, fleet records); None before start().
+        self.hub: Hub | None = None
 
     @property
     def address(self) -> str:
         """The bound address, HOST:PORT or unix:/path (empty until started)."""
         return self._address
+
+    @property
+    def topology_store(self) -> Any:
+        """The registry (an ObservedTopologyStore: `upsert_computer(...)`); None before start()."""
+        return self.assignment.topology_store if self.assignment is not None else None
+
+    @property
+    def effective(self) -> Any:
+        """EffectivePolicies (subscribe / get / version_of) for the distribution hub; None before start()."""
+        return self.assignment.effective if self.assignment is not None else None
+
+    @property
+    def enroll_address(self) -> str:
+        """The bound enrollment address (TLS without client certificates; empty until started)."""
+        return self._enroll_address
+
+    @property
+    def pki(self) -> ServerPki:
+        """The CA, identity database and revocation list (`pki.revocations.subscribe(...)`); after start()."""
+        if self._pki is None:
+            raise RuntimeError("the server has not started")
+        return self._pki
+
+    async def reload_revocations(self) -> list[Peer]:
+        """Pick up revocations made on the data directory by `policyagent ... revoke` (SIGHUP does this).
+
+        Subscribers of `pki.revocations` are told about each newly revoked certificate.
+        """
+        pki = self.pki
+        peers: list[Peer] = await self._in_store_thread(pki.reload_revocations)
+        pki.revocations.revoked(peers)
+        if peers:
+            _log.info("revocations loaded", extra={"revoked": [f"{p.role}:{p.name}" for p in peers]})
+        return peers
 
     async def _in_store_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -264,24 +328,56 @@ class PolicyServer:
         store_path = data_dir / STORE_FILE
         self._lock_fd = lock_data_dir(data_dir)
         try:
-            self._store = await self._in_store_thread(self._store_factory, store_path)
+            settings = EnrollmentSettings.from_files(
+                kerberos_keytab=self._config.kerberos_keytab,
+                kerberos_principal=self._config.kerberos_principal,
+                workgroup_secret_file=self._config.workgroup_secret_file,
+            )
+            hosts = _tls_hosts(self._config, self._listen, self._enroll_listen)
+            self._pki = pki = await self._in_store_thread(ServerPki.open, data_dir, hosts)
+            factory = self._store_factory or functools.partial(SqliteStore, secret_box=pki.secret_box)
+            self._store = await self._in_store_thread(factory, store_path)
             assert self._store is not None
             seeded = await self._in_store_thread(self._seed, self._store)
             _log.info("store open", extra={"path": str(store_path), "seeded": seeded})
+            self.assignment = await self._in_store_thread(open_assignment, data_dir, self._store)
+            self._store = self.assignment.policy_store  # its writes now update the effective policies
 
             # No SO_REUSEPORT: a second server on the same port must fail to bind,
             # not silently share the admins' connections with this one.
-            server = aio.server(options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS])
+            server = aio.server(
+                interceptors=[AuthzInterceptor(pki.revocations)],
+                options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS],
+            )
             add_to_server(PolicyAdminServicer(self._store, self._executor), server)
+            add_assignment_to_server(self.assignment, server, self._executor)
+            # Distribution (agents' streams) and Fleet (admin status): policyagent/server/hub.py.
+            self.hub = attach_distribution(
+                server, effective=self.assignment.effective, data_dir=data_dir, revocations=pki.revocations
+            )
+            enroll_grpc.add_EnrollmentServicer_to_server(
+                EnrollmentServicer(pki, settings, self._in_store_thread, self._topology_upsert), server
+            )
             # The grpc.aio flavour of the health servicer: its set() is a coroutine.
             self._health = health_async.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection(
-                [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+                [
+                    SERVICE_NAME,
+                    ASSIGNMENT_SERVICE,
+                    ENROLLMENT_SERVICE,
+                    DISTRIBUTION_SERVICE,
+                    FLEET_SERVICE,
+                    health.SERVICE_NAME,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
             )
             self._server = server
-            port = self._bind(server)
+            port = self._bind(server, self._listen, pki.server_credentials(client_certificates=True))
+            enroll_port = self._bind(server, self._enroll_listen, pki.server_credentials(client_certificates=False))
             await server.start()
+            await self.hub.start()
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
@@ -290,38 +386,51 @@ class PolicyServer:
             await self._close()
             raise
         self._address = self._listen.bound(port)
-        _log.info("listening", extra={"address": self._address})
+        self._enroll_address = self._enroll_listen.bound(enroll_port)
+        _log.info("listening", extra={"address": self._address, "enrollment": self._enroll_address})
         return self._address
+
+    def _topology_upsert(self) -> Callable[[str, Any, str], None] | None:
+        """The topology registry's computer upsert, when the server has a registry (enrollment calls it)."""
+        topology = getattr(self, "topology_store", None)
+        upsert = getattr(topology, "upsert_computer", None)
+        if upsert is None:
+            return None
+
+        def record(name: str, membership: Any, domain: str) -> None:
+            upsert(name, membership, domain, principal="enrollment")
+
+        return record
 
     @staticmethod
     def _seed(store: PolicyStore) -> bool:
         # A new store holds the default policies, as a fresh Windows install does.
         return store.initialize(seed=restore_defaults_plan, principal=SEED_PRINCIPAL)
 
-    def _bind(self, server: aio.Server) -> int:
-        target = self._listen.grpc_target
-        if self._listen.unix_path:
-            _check_unix_path_free(self._listen.unix_path)
-        # No authentication yet: a unix socket must be born 0600 (bind creates it under
-        # the umask), so no other local user can connect even for an instant. Nothing
-        # else creates files while the server starts, so the process-wide umask is safe.
-        old_umask = os.umask(0o177) if self._listen.unix_path else None
+    def _bind(self, server: aio.Server, listen: ListenAddress, credentials: Any) -> int:
+        target = listen.grpc_target
+        shown = listen.bound(listen.port)
+        if listen.unix_path:
+            _check_unix_path_free(listen.unix_path)
+        # Defence in depth on top of mTLS: a unix socket is born 0600 (bind creates it
+        # under the umask), so no other local user can connect even for an instant.
+        # Nothing else creates files while the server starts: the process umask is safe.
+        old_umask = os.umask(0o177) if listen.unix_path else None
         try:
-            port = server.add_insecure_port(target)
+            port = server.add_secure_port(target, credentials)
         except RuntimeError as exc:  # newer grpcio raises instead of returning 0
             # grpc core has already logged why (in use, no such directory) on stderr;
             # its exception text only points at GRPC_VERBOSITY.
             raise ConfigError(
-                f"cannot listen on {self._config.listen}: bind failed "
-                "(address in use, or the socket's directory missing?)"
+                f"cannot listen on {shown}: bind failed (address in use, or the socket's directory missing?)"
             ) from exc
         finally:
             if old_umask is not None:
                 os.umask(old_umask)
-        if port == 0 and not self._listen.unix_path:
-            raise ConfigError(f"cannot listen on {self._config.listen}: the address is not available")
-        if self._listen.unix_path:
-            os.chmod(self._listen.unix_path, 0o600)  # whatever umask the socket got
+        if port == 0 and not listen.unix_path:
+            raise ConfigError(f"cannot listen on {shown}: the address is not available")
+        if listen.unix_path:
+            os.chmod(listen.unix_path, 0o600)  # whatever umask the socket got
         return port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -332,6 +441,8 @@ class PolicyServer:
         _log.info("stopping")
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.hub is not None:
+            await self.hub.stop()  # ends the agents' streams, persists the fleet records
         if self._server is not None:
             await self._server.stop(self._config.grace_seconds if grace is None else grace)
         await self._close()
@@ -339,10 +450,16 @@ class PolicyServer:
 
     async def _close(self) -> None:
         store, self._store = self._store, None
+        pki, self._pki = self._pki, None
         lock_fd, self._lock_fd = self._lock_fd, None
+        assignment, self.assignment = self.assignment, None
         try:
+            if assignment is not None:
+                await self._in_store_thread(assignment.topology_store.close)
             if store is not None:
                 await self._in_store_thread(store.close)
+            if pki is not None:
+                await self._in_store_thread(pki.close)
         finally:
             self._executor.shutdown(wait=True)
             if lock_fd is not None:
@@ -364,11 +481,20 @@ def _check_unix_path_free(path: str) -> None:
 
 
 def _announce(address: str) -> None:
-    # The one line on stdout a supervisor or a test reads to find the bound address.
+    # The line on stdout a supervisor or a test reads to find the bound address.
     print(f"listening on {address}", flush=True)
 
 
-async def serve(config: ServerConfig, announce: Callable[[str], None] = _announce) -> None:
+def _announce_enrollment(address: str) -> None:
+    # Always the second line on stdout.
+    print(f"enrollment on {address}", flush=True)
+
+
+async def serve(
+    config: ServerConfig,
+    announce: Callable[[str], None] = _announce,
+    announce_enrollment: Callable[[str], None] = _announce_enrollment,
+) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down cleanly.
 
     Raises ConfigError (listen address refused, data dir unusable), StoreError or
@@ -379,10 +505,20 @@ async def serve(config: ServerConfig, announce: Callable[[str], None] = _announc
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def reload() -> None:
+        # SIGHUP: `policyagent admin-cert revoke` / `computer revoke` changed the identity database.
+        task = loop.create_task(server.reload_revocations())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     try:
         address = await server.start()  # cleans up after itself if it fails
+        loop.add_signal_handler(signal.SIGHUP, reload)
         try:
             announce(address)
+            announce_enrollment(server.enroll_address)
             # Only a signal ends the server: nothing else stops a grpc.aio server from
             # inside (and cancelling its wait_for_termination() breaks a later stop()).
             await stop.wait()
@@ -390,5 +526,5 @@ async def serve(config: ServerConfig, announce: Callable[[str], None] = _announc
         finally:
             await server.stop()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)

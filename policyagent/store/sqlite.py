@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from policyagent.model.errors import AlreadyExistsError, ConflictError, PolicyError, StoreError
 from policyagent.model.objects import Kind, StoreObject, describe, kind_of, name_key
@@ -126,17 +127,71 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _parse(kind: Kind, data: bytes) -> StoreObject:
+class SecretSealer(Protocol):
+    """Encrypts pre-shared keys at rest (policyagent.pki.secretbox.SecretBox is the one the server uses)."""
+
+    key_id: str
+
+    def seal(self, plaintext: str, context: str) -> str: ...
+
+    def open(self, value: str, context: str) -> str: ...
+
+
+# Sealed values start with this (policyagent.pki.secretbox.SEALED_PREFIX).
+_SEALED_PREFIX = "enc:v1:"
+# meta key naming the key that sealed this store's pre-shared keys (absent: stored in clear).
+_META_SECRETS_KEY = "secrets_key_id"
+
+
+def _psk_methods(policy: pb.Policy) -> Iterator[pb.PresharedKeyAuth]:
+    for methods in [*(rule.auth_methods for rule in policy.rules), policy.default_response_rule.auth_methods]:
+        for method in methods:
+            if method.WhichOneof("method") == "preshared_key":
+                yield method.preshared_key
+
+
+def _psk_context(policy: pb.Policy) -> str:
+    # Binds a sealed key to its policy: it cannot be copied into another one.
+    return f"policyagent psk {policy.id}"
+
+
+def _parse(kind: Kind, data: bytes, box: SecretSealer | None = None) -> StoreObject:
     obj = kind.message_type()
     obj.ParseFromString(data)
+    if isinstance(obj, pb.Policy):
+        _open_secrets(obj, box)
     return obj
+
+
+def _open_secrets(policy: pb.Policy, box: SecretSealer | None) -> None:
+    """Decrypt the policy's sealed pre-shared keys in place; never hand out ciphertext as a key."""
+    for psk in _psk_methods(policy):
+        if psk.key.startswith(_SEALED_PREFIX):
+            if box is None:
+                raise StoreError("the store's pre-shared keys are encrypted; open it with the server's secrets key")
+            try:
+                psk.key = box.open(psk.key, _psk_context(policy))
+            except ValueError as exc:
+                raise StoreError(f"cannot decrypt a pre-shared key of policy {policy.name!r}: {exc}") from exc
+
+
+def _serialize(obj: StoreObject, box: SecretSealer | None) -> bytes:
+    """The bytes stored for `obj`: pre-shared keys sealed when the store has a box."""
+    if box is not None and isinstance(obj, pb.Policy) and any(True for _ in _psk_methods(obj)):
+        sealed = pb.Policy()
+        sealed.CopyFrom(obj)
+        for psk in _psk_methods(sealed):
+            psk.key = box.seal(psk.key, _psk_context(sealed))
+        return sealed.SerializeToString(deterministic=True)
+    return obj.SerializeToString(deterministic=True)
 
 
 class _TransactionView:
     """A StoreView over a connection inside its open transaction (what the planner sees)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, box: SecretSealer | None = None) -> None:
         self._conn = conn
+        self._box = box
 
     # Every get() parses a fresh message: a PlanFn may edit what it reads and
     # hand it back as a Put, which must not change what the planner compares it with.
@@ -144,7 +199,7 @@ class _TransactionView:
         row = self._conn.execute(
             "SELECT data FROM objects WHERE kind = ? AND id = ?", (_KIND_TOKEN[kind], object_id)
         ).fetchone()
-        return None if row is None else _parse(kind, row[0])
+        return None if row is None else _parse(kind, row[0], self._box)
 
     def id_for_name(self, kind: Kind, name: str) -> str | None:
         row = self._conn.execute(
@@ -180,8 +235,13 @@ class SqliteStore(PolicyStore):
         *,
         busy_timeout_s: float = 5.0,
         clock_ms: Callable[[], int] = _now_ms,
+        secret_box: SecretSealer | None = None,
     ) -> None:
         """Open the store at `path`, creating the file (mode 0600) and its directory if needed.
+
+        With `secret_box`, pre-shared keys are sealed before they are written and
+        opened after they are read (a store written in clear is sealed on first
+        open with a box); a store sealed with a key cannot be opened without that key.
 
         `busy_timeout_s` is how long a call waits for another process's write
         lock before raising StoreError; `clock_ms` gives modification and change
@@ -196,11 +256,13 @@ class SqliteStore(PolicyStore):
         self._pool_lock = threading.Lock()
         self._idle_readers: list[sqlite3.Connection] = []
         self._closed = False
+        self._box = secret_box
         with self._errors():
             self._create_file()
             self._writer = self._connect(reader=False)
             try:
                 self._open_schema(self._writer)
+                self._check_secrets_key(self._writer)
             except BaseException:
                 self._writer.close()
                 raise
@@ -265,6 +327,39 @@ class SqliteStore(PolicyStore):
                     conn.execute(statement)
                 version += 1
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _check_secrets_key(self, conn: sqlite3.Connection) -> None:
+        """Check the store's secrets key against ours; seal a clear store's keys on first open with a box."""
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (_META_SECRETS_KEY,)).fetchone()
+        sealed_by = None if row is None else str(row[0])
+        box = self._box
+        if box is None:
+            if sealed_by is not None:
+                raise StoreError(
+                    f"store {self._path} keeps its pre-shared keys encrypted (key {sealed_by}); "
+                    "open it with the server's secrets key (<data-dir>/pki/secrets.key)"
+                )
+            return
+        if sealed_by == box.key_id:
+            return
+        if sealed_by is not None:
+            raise StoreError(
+                f"store {self._path} was encrypted with secrets key {sealed_by}, not this server's {box.key_id}"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute("SELECT id, data FROM objects WHERE kind = 'policy'").fetchall()
+            for object_id, data in rows:
+                policy = pb.Policy()
+                policy.ParseFromString(data)
+                conn.execute(
+                    "UPDATE objects SET data = ? WHERE kind = 'policy' AND id = ?", (_serialize(policy, box), object_id)
+                )
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_META_SECRETS_KEY, box.key_id))
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -386,7 +481,9 @@ class SqliteStore(PolicyStore):
         for token, data in rows:
             kind = _TOKEN_KIND[token]
             if kind is Kind.POLICY:
-                contents.policies.add().ParseFromString(data)
+                policy = contents.policies.add()
+                policy.ParseFromString(data)
+                _open_secrets(policy, self._box)
             elif kind is Kind.FILTER_LIST:
                 contents.filter_lists.add().ParseFromString(data)
             else:
@@ -396,7 +493,7 @@ class SqliteStore(PolicyStore):
     def get(self, kind: Kind, object_id: str) -> StoreObject | None:
         """The object of this kind with this id, if any (a copy: editing it changes nothing)."""
         with self._errors(), self._reader() as conn:
-            return _TransactionView(conn).get(kind, object_id)
+            return _TransactionView(conn, self._box).get(kind, object_id)
 
     def find(self, kind: Kind, name: str) -> StoreObject | None:
         """The object of this kind with this name (case-insensitive), if any."""
@@ -404,7 +501,7 @@ class SqliteStore(PolicyStore):
             row = conn.execute(
                 "SELECT data FROM objects WHERE kind = ? AND name_key = ?", (_KIND_TOKEN[kind], name_key(name))
             ).fetchone()
-        return None if row is None else _parse(kind, row[0])
+        return None if row is None else _parse(kind, row[0], self._box)
 
     def changes(self, after_seq: int = 0, limit: int = 1000) -> list[ChangeRecord]:
         """Change log entries with seq > after_seq, oldest first, at most `limit`."""
@@ -492,7 +589,7 @@ class SqliteStore(PolicyStore):
         context: str,
     ) -> WriteResult:
         """Plan and write inside the open transaction; the caller commits or rolls back."""
-        view = _TransactionView(conn)
+        view = _TransactionView(conn, self._box)
         requested = mutations(view) if callable(mutations) else mutations
         plan = plan_writes(view, list(requested))
         old_revision = _meta_int(conn, "revision")
@@ -529,7 +626,7 @@ class SqliteStore(PolicyStore):
             old = obj.revision
             obj.revision = revision
             obj.modified_unix_ms = now
-            row = (obj.name, name_key(obj.name), revision, now, obj.SerializeToString(deterministic=True))
+            row = (obj.name, name_key(obj.name), revision, now, _serialize(obj, self._box))
             if old == 0:
                 sql = (
                     "INSERT INTO objects (name, name_key, revision, modified_unix_ms, data, kind, id)"

@@ -178,8 +178,11 @@ class Heartbeat(_message.Message):
     APPLIED_VERSION_FIELD_NUMBER: _builtins.int
     RUNNING_ON_CACHE_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
+    CACHE_SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
     applied_version: _builtins.str
     running_on_cache: _builtins.bool
+    cache_since_unix_ms: _builtins.int
+    """set when running_on_cache"""
     @_builtins.property
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """IP Security Monitor counters (enforcement issue)"""
@@ -190,10 +193,11 @@ class Heartbeat(_message.Message):
         applied_version: _builtins.str = ...,
         running_on_cache: _builtins.bool = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        cache_since_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "counters", b"counters", "running_on_cache", b"running_on_cache"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "cache_since_unix_ms", b"cache_since_unix_ms", "counters", b"counters", "running_on_cache", b"running_on_cache"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,7 +308,10 @@ class EffectivePolicy(_message.Message):
     source: _builtins.str
     """"domain" (a GPO) | "none" (no IPsec policy assigned)"""
     unchanged: _builtins.bool
-    """Fetch only: known_version is current; nothing else set but version"""
+    """known_version (Fetch) or the Hello's applied_version (Stream) is current:
+    only version (and on the stream, nonce) are set. On the stream it confirms
+    "in sync", and the agent ACKs it like any push.
+    """
     @_builtins.property
     def policy(self) -> _policy_pb2.Policy:
         """absent when source = "none" """

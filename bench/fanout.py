@@ -1,0 +1,362 @@
+"""Fan-out benchmark: N simulated agents on one distribution hub; prints figures, asserts nothing.
+
+    .venv/bin/python bench/fanout.py [--agents 1000] [--workers 4] [--cache-dir DIR]
+
+- Certificates: one CA and N agent certificates (real, each its own key and CN
+  "bench-NNNNN"), issued once into --cache-dir and reused by later runs.
+- Server: a subprocess running the real `Hub` (policyagent/server/hub.py) with its
+  Distribution and Fleet services on an mTLS port (client certificates required and
+  mapped to the computer by the certificate, as in the server), and an in-memory
+  effective-policy source holding every agent's policy (the bench measures the hub
+  and the streams, not the resolver).
+- Agents: --workers processes, each holding N/workers real gRPC streams, every one on
+  its own TLS channel with its own certificate. A simulated agent says Hello, ACKs
+  every policy pushed, and records when it did.
+- Figures: time until every agent is connected and in sync; the server's RSS before
+  and after the agents connect (→ per agent); then one policy change touching all N
+  agents, and p50/p99/max from the change to each agent's ACK (and to the last ACK
+  the server recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------- certificates
+
+
+def ensure_certs(cache: Path, n: int) -> None:
+    """A CA, a server pair and n agent pairs in `cache` (issued once, reused)."""
+    from policyagent.pki.ca import CertificateAuthority, cert_pem, key_pem
+
+    ca, _ = CertificateAuthority.load_or_create(cache / "pki")
+    agents = cache / "agents.jsonl"
+    have = sum(1 for _ in agents.open()) if agents.exists() else 0
+    if not (cache / "server.json").exists():
+        issued = ca.issue("server", "localhost", dns_names=["localhost"], ip_addresses=[ipaddress.ip_address("127.0.0.1")])
+        assert issued.key is not None
+        (cache / "server.json").write_text(
+            json.dumps({"cert": (cert_pem(issued.cert) + ca.cert_pem).decode(), "key": key_pem(issued.key).decode()})
+        )
+    if have >= n:
+        return
+    started = time.monotonic()
+    with agents.open("a") as out:
+        for i in range(have, n):
+            issued = ca.issue("agent", f"bench-{i:05d}")
+            assert issued.key is not None
+            out.write(json.dumps({"name": f"bench-{i:05d}", "cert": cert_pem(issued.cert).decode(), "key": key_pem(issued.key).decode()}) + "\n")
+    print(f"issued {n - have} agent certificates in {time.monotonic() - started:.1f} s (cached in {cache})", flush=True)
+
+
+def load_agents(cache: Path, start: int, count: int) -> list[dict[str, str]]:
+    out = []
+    with (cache / "agents.jsonl").open() as f:
+        for i, line in enumerate(f):
+            if start <= i < start + count:
+                out.append(json.loads(line))
+    return out
+
+
+# ---------------------------------------------------------------- server process
+
+
+BENCH_DOMAIN = "bench.example"
+BENCH_OUS = 20  # computers spread evenly over OU=Group NN,OU=Fleet,DC=bench,DC=example
+BENCH_POLICY = "Server (Request Security)"  # a seeded default policy: 2 rules, their filter lists/actions
+
+
+def populate(server: Any, names: list[str]) -> str:
+    """The topology: N computers in OUs, one GPO linked at the domain assigning BENCH_POLICY (store thread)."""
+    from policyagent.model.assignment import Computer, Gpo, GpoLink, OrgUnit, Scope
+    from policyagent.model.objects import Kind
+    from policyagent.store.topology import PutObject
+
+    policy = server.assignment.policy_store.find(Kind.POLICY, BENCH_POLICY)
+    fleet = f"OU=Fleet,DC={BENCH_DOMAIN.split('.')[0]},DC={BENCH_DOMAIN.split('.')[1]}"
+    ous = [f"OU=Group {i:02d},{fleet}" for i in range(BENCH_OUS)]
+    puts: list[Any] = [OrgUnit(fleet), *(OrgUnit(ou) for ou in ous)]
+    puts += [Computer(name, "domain", BENCH_DOMAIN, ou=ous[i % BENCH_OUS]) for i, name in enumerate(names)]
+    puts.append(Gpo("", "Bench domain IPsec", policy_id=policy.id))
+    topology = server.topology_store
+    topology.write([PutObject(o) for o in puts], principal="bench")
+    topology.write([PutObject(GpoLink("Bench domain IPsec", Scope.domain(BENCH_DOMAIN)))], principal="bench")
+    return str(policy.id)
+
+
+def edit_policy(server: Any, generation: int) -> None:
+    """The change: an edit of the assigned policy's content, as PolicyAdmin would write it (store thread)."""
+    from policyagent.model.objects import Kind
+    from policyagent.model.writes import Put
+
+    store = server.assignment.policy_store
+    policy = store.find(Kind.POLICY, BENCH_POLICY)
+    policy.description = f"bench change {generation}"
+    store.write([Put(policy)], principal="bench")
+
+
+async def server_main(cache: Path, n: int, data_dir: Path) -> None:
+    """The real server (PolicyServer: interceptor, options, hub, EffectivePolicies) on the bench CA."""
+    import shutil
+
+    from policyagent.server.app import PolicyServer, ServerConfig
+
+    _raise_fd_limit()
+    pki = data_dir / "pki"
+    pki.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in ("ca.key", "ca.crt"):
+        shutil.copy(cache / "pki" / name, pki / name)
+    names = [f"bench-{i:05d}" for i in range(n)]
+    server = PolicyServer(ServerConfig(data_dir=data_dir, listen="127.0.0.1:0", enroll_listen="127.0.0.1:0", grace_seconds=0))
+    address = await server.start()
+    loop = asyncio.get_running_loop()
+    t = time.monotonic()
+    await server._in_store_thread(populate, server, names)
+    print(f"topology {n} computers in {BENCH_OUS} OUs, one domain GPO, built in {time.monotonic() - t:.1f} s", flush=True)
+    effective, hub = server.effective, server.hub
+    print(f"port {address.rsplit(':', 1)[1]}", flush=True)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    generation = 0
+    while True:
+        line = (await reader.readline()).decode().strip()
+        if not line or line == "quit":
+            break
+        if line == "change":
+            generation += 1
+            t0 = time.time()
+            await server._in_store_thread(edit_policy, server, generation)
+            t1 = time.time()
+            print(f"changed {t0:.6f} {t1 - t0:.6f} {effective.version_of(names[0])}", flush=True)
+        elif line == "status":
+            # When did the server record the last ACK of the current version?
+            records = [hub.registry.get(name) for name in names]
+            done = sum(1 for r in records if r.applied_version == effective.version_of(r.computer))
+            last = max((r.last_ack_unix_ms for r in records), default=0)
+            print(f"status {done} {last}", flush=True)
+    await server.stop(0)
+
+
+# ---------------------------------------------------------------- agent worker process
+
+
+async def worker_main(cache: Path, address: str, start: int, count: int) -> None:
+    import grpc
+    from grpc import aio
+
+    from policyagent.pb import dist_grpc, dist_pb
+
+    _raise_fd_limit()
+    agents = load_agents(cache, start, count)
+    ca_pem = (cache / "pki" / "ca.crt").read_bytes()
+    acks: dict[str, list[tuple[str, float]]] = {a["name"]: [] for a in agents}
+    connected = asyncio.Event()
+    in_sync = 0
+    channels = []
+
+    errors: dict[str, int] = {}
+
+    async def one(agent: dict[str, str]) -> None:
+        nonlocal in_sync
+        creds = grpc.ssl_channel_credentials(ca_pem, agent["key"].encode(), agent["cert"].encode())
+        first = True
+        while True:  # like the agent: reconnect when the stream fails (e.g. a handshake storm at start)
+            channel = aio.secure_channel(address, creds, options=[("grpc.keepalive_time_ms", 60000)])
+            channels.append(channel)
+            try:
+                call = dist_grpc.DistributionStub(channel).Stream()
+                await call.write(dist_pb.AgentMessage(hello=dist_pb.Hello(computer=agent["name"])))
+                async for message in call:
+                    if message.WhichOneof("msg") != "policy":
+                        continue
+                    p = message.policy
+                    await call.write(dist_pb.AgentMessage(ack=dist_pb.Ack(version=p.version, nonce=p.nonce)))
+                    acks[agent["name"]].append((p.version, time.time()))
+                    if first:
+                        first = False
+                        in_sync += 1
+                        if in_sync == len(agents):
+                            connected.set()
+                return
+            except grpc.RpcError as exc:
+                key = exc.code().name if isinstance(exc, aio.AioRpcError) else type(exc).__name__
+                errors[key] = errors.get(key, 0) + 1
+                await channel.close()
+                await asyncio.sleep(0.5 + random.random())
+
+    tasks = []
+    for agent in agents:
+        tasks.append(asyncio.create_task(one(agent)))
+        await asyncio.sleep(0)  # let the loop breathe while thousands of handshakes start
+    await connected.wait()
+    print(f"connected (stream errors retried: {errors or 'none'})", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).decode().strip()
+        if not line or line == "quit":
+            break
+        if line == "report":
+            # Each agent's ACK of the pushed change: its second policy (the first was the sync on connect).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(len(h) < 2 for h in acks.values()):
+                await asyncio.sleep(0.05)
+            times = [h[1][1] for h in acks.values() if len(h) >= 2]
+            print("acks " + json.dumps(times), flush=True)
+    for task in tasks:
+        task.cancel()
+    for channel in channels:
+        await channel.close()
+
+
+# ---------------------------------------------------------------- controller
+
+
+def _readline(proc: subprocess.Popen[str], prefix: str, timeout: float = 600) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"process exited waiting for {prefix!r}")
+        if line.startswith(prefix):
+            return line.strip()
+    raise TimeoutError(prefix)
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def run(n: int, workers: int, cache: Path) -> None:
+    import tempfile
+
+    ensure_certs(cache, n)
+    me = [sys.executable, __file__, "--cache-dir", str(cache)]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen(
+            [*me, "--role", "server", "--agents", str(n), "--data-dir", tmp],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            port = int(_readline(server, "port ").split()[1])
+            time.sleep(0.5)
+            rss_before = _rss_kb(server.pid)
+            share = (n + workers - 1) // workers
+            started = time.monotonic()
+            procs = [
+                subprocess.Popen(
+                    [*me, "--role", "worker", "--address", f"127.0.0.1:{port}", "--start", str(i * share), "--count", str(min(share, n - i * share))],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )
+                for i in range(workers)
+                if i * share < n
+            ]
+            for proc in procs:
+                _readline(proc, "connected")
+            connect_s = time.monotonic() - started
+            time.sleep(1.0)  # let the fleet records flush
+            rss_after = _rss_kb(server.pid)
+            assert server.stdin is not None
+            server.stdin.write("change\n")
+            server.stdin.flush()
+            _, t0_text, write_s, _version = _readline(server, "changed ").split()
+            t0 = float(t0_text)
+            latencies: list[float] = []
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("report\n")
+                proc.stdin.flush()
+            for proc in procs:
+                latencies += [t - t0 for t in json.loads(_readline(proc, "acks ")[5:])]
+            server_done, last_ack_ms = 0, 0
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                server.stdin.write("status\n")
+                server.stdin.flush()
+                _, done, last = _readline(server, "status ").split()
+                server_done, last_ack_ms = int(done), int(last)
+                if server_done == n:
+                    break
+                time.sleep(0.1)
+            print(f"agents                      {n} ({len(procs)} worker processes, one mTLS channel + stream each)")
+            print(f"connect + first sync        {connect_s:.2f} s for all agents")
+            print(f"server RSS                  {rss_before / 1024:.1f} MiB idle -> {rss_after / 1024:.1f} MiB connected "
+                  f"= {(rss_after - rss_before) / n:.1f} KiB per agent")
+            if latencies:
+                print(f"change -> agent ACK sent    p50 {statistics.median(latencies) * 1000:.0f} ms, "
+                      f"p99 {_pct(latencies, 99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms ({len(latencies)} ACKs)")
+            print(f"change -> last ACK at hub   {(last_ack_ms / 1000 - t0) * 1000:.0f} ms ({server_done}/{n} recorded in sync)")
+            print(f"  (policy store write + effective-policy update: {float(write_s) * 1000:.0f} ms of that)")
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("quit\n")
+                proc.stdin.flush()
+            for proc in procs:
+                proc.wait(timeout=60)
+        finally:
+            if server.stdin is not None:
+                try:
+                    server.stdin.write("quit\n")
+                    server.stdin.flush()
+                except BrokenPipeError:
+                    pass
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--cache-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "policyagent-bench-certs"))
+    parser.add_argument("--role", choices=("controller", "server", "worker"), default="controller")
+    parser.add_argument("--address", default="")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--data-dir", default="")
+    args = parser.parse_args()
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    if args.role == "server":
+        asyncio.run(server_main(cache, args.agents, Path(args.data_dir)))
+    elif args.role == "worker":
+        asyncio.run(worker_main(cache, args.address, args.start, args.count))
+    else:
+        run(args.agents, args.workers, cache)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`policyagent ou|site|group|computer|gpo|rsop`: the assignment registry and RSoP over AssignmentAdmin."""

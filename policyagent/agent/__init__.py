@@ -1,0 +1,1 @@
+"""The policyagent agent: session with the server, cache, enforcer, local admin API."""

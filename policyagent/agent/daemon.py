@@ -1,0 +1,659 @@
+"""The agent daemon: the asyncio adapter around the sans-I/O session (DESIGN §5).
+
+`AgentDaemon` owns the I/O the `Session` asks for: the mTLS channel and the
+Distribution stream (with gRPC keepalives), Fetch and Report calls, the enforcer
+(run in a worker thread), the on-disk cache, and the local admin API on a unix
+socket. Its loop waits for the next event or the session's next timer deadline —
+nothing polls.
+
+Which policy is enforced (issue 3, DESIGN §1.2): at start the persistent store's
+assigned policy applies first; then the cached domain policy (if any) replaces it;
+then whatever the server sends. When the domain assigns nothing (source "none"),
+the local store's assigned policy applies: the domain's assignment overrides the
+local one. The session ACKs the domain's version either way.
+
+Local admin API, `STATE_DIR/agent.sock` (0600): `AgentLocal` (status, the effective
+policy) and `PolicyAdmin` on the local static store, so `netsh -r unix:STATE_DIR/agent.sock`
+edits the local store; `STATE_DIR/persistent.sock` serves `PolicyAdmin` on the
+persistent store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from policyagent.agent import session as s
+from policyagent.agent.cache import PolicyCache
+from policyagent.agent.enforce import EnforceError, Enforcer, HostFacts
+from policyagent.agent.enforce.recordonly import RecordOnlyEnforcer
+from policyagent.model.defaults import restore_defaults_plan
+from policyagent.model.objects import Kind
+from policyagent.model.writes import Mutation, PlanFn
+from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, dist_grpc, dist_pb, pb
+from policyagent.server.admin import PolicyAdminServicer, mask_secrets
+from policyagent.server.admin import add_to_server as add_admin_to_server
+from policyagent.store.base import ChangeRecord, PolicyStore, WriteResult
+from policyagent.store.sqlite import SqliteStore
+
+_log = logging.getLogger("policyagent.agent")
+
+
+def _agent_version() -> str:
+    # Not `policyagent.__version__`: an editable install may import the package as a namespace.
+    try:
+        return importlib.metadata.version("policyagent")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+AGENT_VERSION = _agent_version()
+_EOF: Any = getattr(aio, "EOF")  # noqa: B009  (not in the type stubs)
+
+SOCKET_FILE = "agent.sock"
+PERSISTENT_SOCKET_FILE = "persistent.sock"
+LOCAL_STORE_FILE = "local.sqlite3"
+PERSISTENT_STORE_FILE = "persistent.sqlite3"
+HOST_CERT = "host.crt"
+HOST_KEY = "host.key"
+CA_FILE = "ca.crt"
+IDENTITY_FILE = "identity.json"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str  # HOST:PORT of the policy server
+    state_dir: Path
+    ca_file: Path | None = None  # default: STATE_DIR/ca.crt
+    computer: str = ""  # informational (the certificate names the computer)
+    membership: str = ""  # "domain" | "workgroup"; "" = as the server says
+    heartbeat_s: float = 30.0
+    silence_s: float = 90.0
+    keepalive_s: float = 20.0  # gRPC HTTP/2 keepalive pings
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    poll_interval_s: float | None = None
+    connect_timeout_s: float = 5.0
+    rpc_timeout_s: float = 10.0
+    server_name_override: str = ""  # TLS name to expect, when HOST is not in the server certificate
+
+
+class AgentError(Exception):
+    """The agent cannot start; the message says why, on one line."""
+
+
+def keepalive_options(keepalive_s: float) -> list[tuple[str, Any]]:
+    """Client channel options: HTTP/2 pings so a dead server or a dead path is noticed."""
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(max(keepalive_s / 2, 1) * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Our own backoff decides when to reconnect; the channel should just try when asked.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]
+
+
+def local_effective(
+    policy: pb.Policy, contents: pb.StoreContents, source: str, computer: str
+) -> dist_pb.EffectivePolicy:
+    """A self-contained effective policy from a local or persistent store's assigned policy."""
+    out = dist_pb.EffectivePolicy(computer=computer, source=source)
+    out.policy.CopyFrom(policy)
+    out.policy.revision = 0
+    out.policy.modified_unix_ms = 0
+    lists = {fl.id: fl for fl in contents.filter_lists}
+    actions = {fa.id: fa for fa in contents.filter_actions}
+    used_lists = sorted({r.filter_list_id for r in policy.rules if r.filter_list_id in lists})
+    used_actions = sorted({r.filter_action_id for r in policy.rules if r.filter_action_id in actions})
+    out.filter_lists.extend(lists[i] for i in used_lists)
+    out.filter_actions.extend(actions[i] for i in used_actions)
+    out.version = f"{source}:" + hashlib.sha256(out.SerializeToString(deterministic=True)).hexdigest()
+    return out
+
+
+def assigned_of(store: PolicyStore, source: str, computer: str) -> dist_pb.EffectivePolicy | None:
+    contents, _ = store.snapshot()
+    for policy in contents.policies:
+        if policy.assigned:
+            return local_effective(policy, contents, source, computer)
+    return None
+
+
+class NotifyingStore(PolicyStore):
+    """A PolicyStore that calls `on_write()` after every committed write (the agent re-chooses)."""
+
+    def __init__(self, inner: PolicyStore, on_write: Callable[[], None]) -> None:
+        self.inner = inner
+        self._on_write = on_write
+
+    def snapshot(self) -> tuple[pb.StoreContents, int]:
+        return self.inner.snapshot()
+
+    def get(self, kind: Kind, object_id: str) -> Any:
+        return self.inner.get(kind, object_id)
+
+    def find(self, kind: Kind, name: str) -> Any:
+        return self.inner.find(kind, name)
+
+    def write(
+        self, mutations: Sequence[Mutation] | PlanFn, *, principal: str, context: str = "", dry_run: bool = False
+    ) -> WriteResult:
+        result = self.inner.write(mutations, principal=principal, context=context, dry_run=dry_run)
+        if not dry_run:
+            self._on_write()
+        return result
+
+    def initialize(self, seed: PlanFn, *, principal: str) -> bool:
+        return self.inner.initialize(seed, principal=principal)
+
+    def changes(self, after_seq: int = 0, limit: int = 1000) -> list[ChangeRecord]:
+        return self.inner.changes(after_seq, limit)
+
+    def revision(self) -> int:
+        return self.inner.revision()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def load_credentials(config: AgentConfig) -> grpc.ChannelCredentials:
+    """The agent's mTLS credentials: its host certificate and key, and the CA it trusts."""
+    cert, key = config.state_dir / HOST_CERT, config.state_dir / HOST_KEY
+    ca = config.ca_file or config.state_dir / CA_FILE
+    missing = [str(p) for p in (cert, key, ca) if not p.is_file()]
+    if missing:
+        raise AgentError(
+            f"no host certificate: {', '.join(missing)} missing; enroll first "
+            "(--enroll-token, --enroll-workgroup-secret-file or --enroll-kerberos)"
+        )
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
+    )
+
+
+class AgentDaemon:
+    """One agent: session + channel + enforcer + cache + local API."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        enforcer: Enforcer | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.enforcer: Enforcer = enforcer or RecordOnlyEnforcer(config.state_dir)
+        self._credentials = credentials
+        self.cache = PolicyCache(config.state_dir)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: asyncio.Queue[s.Event] = asyncio.Queue()
+        self._session: s.Session | None = None
+        self._rng = rng or random.Random()
+        self._channel: aio.Channel | None = None
+        self._call: Any = None
+        self._stream_tasks: list[asyncio.Task[None]] = []
+        self._outbox: asyncio.Queue[dist_pb.AgentMessage | None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._local_server: aio.Server | None = None
+        self._persistent_server: aio.Server | None = None
+        self._store_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-store")
+        self._enforce_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-enforce")
+        self.local_store: PolicyStore | None = None
+        self.persistent_store: PolicyStore | None = None
+        # What the enforcer holds now, which may differ from the session's domain policy (local store).
+        self.enforced: dist_pb.EffectivePolicy | None = None
+        self.enforced_source = "none"
+        self._domain: dist_pb.EffectivePolicy | None = None
+        self.computer = config.computer
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def session(self) -> s.Session:
+        assert self._session is not None, "agent not started"
+        return self._session
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._credentials is None:
+            self._credentials = load_credentials(self.config)
+        loop = self._loop
+        self.local_store = NotifyingStore(
+            await loop.run_in_executor(self._store_executor, self._open_store, LOCAL_STORE_FILE), self._store_changed
+        )
+        self.persistent_store = await loop.run_in_executor(
+            self._store_executor, self._open_store, PERSISTENT_STORE_FILE
+        )
+        await self._start_local_api()
+        caps = self.enforcer.capabilities()
+        self._session = s.Session(
+            s.SessionConfig(
+                computer=self.computer,
+                capabilities=caps,
+                agent_version=AGENT_VERSION,
+                heartbeat_s=self.config.heartbeat_s,
+                silence_s=self.config.silence_s,
+                backoff_base_s=self.config.backoff_base_s,
+                backoff_max_s=self.config.backoff_max_s,
+                poll_interval_s=self.config.poll_interval_s,
+            ),
+            clock=loop.time,
+            wall=time.time,
+            rng=self._rng,
+        )
+        _log.warning("enforcer: %s", self.enforcer.describe(), extra={"enforcer": self.enforcer.name})
+        # The persistent store applies at boot, before the cache or the domain.
+        assert self.persistent_store is not None
+        persistent = await loop.run_in_executor(
+            self._store_executor, assigned_of, self.persistent_store, "persistent", self.computer
+        )
+        if persistent is not None:
+            error = await self._enforce(persistent, "persistent")
+            if error:
+                _log.error("persistent policy not applied", extra={"reason": error})
+        cached = self.cache.load()
+        if cached is not None:
+            _log.info(
+                "cached policy found",
+                extra={"version": cached.policy.version, "saved_unix_ms": cached.saved_unix_ms},
+            )
+        self._main = asyncio.create_task(self._run(cached.policy if cached is not None else None), name="agent-main")
+
+    def _open_store(self, name: str) -> PolicyStore:
+        store = SqliteStore(self.state_dir / name)
+        # A new local store holds the Windows defaults, as a fresh Windows install does.
+        if name == LOCAL_STORE_FILE:
+            store.initialize(seed=restore_defaults_plan, principal="policyagent-agent")
+        return store
+
+    async def stop(self) -> None:
+        if self._session is not None and self._session.state is not s.State.STOPPED:
+            self._execute(self._session.handle(s.Stop()))
+        if self._main is not None:
+            self._main.cancel()
+            await asyncio.gather(self._main, return_exceptions=True)
+        await self._close_stream()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in (self._local_server, self._persistent_server):
+            if server is not None:
+                await server.stop(0)
+        loop = asyncio.get_running_loop()
+        for store in (self.local_store, self.persistent_store):
+            if store is not None:
+                await loop.run_in_executor(self._store_executor, store.close)
+        self._store_executor.shutdown(wait=True)
+        self._enforce_executor.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        if self._main is not None:
+            await self._main
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self, cached: dist_pb.EffectivePolicy | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._execute(self.session.handle(s.Start(cached=cached)))
+        while True:
+            deadline = self.session.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                async with asyncio.timeout(timeout):
+                    event = await self._events.get()
+            except TimeoutError:
+                self._execute(self.session.handle_timers(loop.time()))
+                continue
+            self._execute(self.session.handle(event))
+
+    def post(self, event: s.Event) -> None:
+        self._events.put_nowait(event)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _execute(self, actions: list[s.Action]) -> None:
+        for action in actions:
+            if isinstance(action, s.Connect):
+                self._spawn(self._connect())
+            elif isinstance(action, s.Send):
+                if self._outbox is not None:
+                    self._outbox.put_nowait(action.message)
+            elif isinstance(action, s.Report):
+                self._spawn(self._report(action.message))
+            elif isinstance(action, s.Fetch):
+                self._spawn(self._fetch(action.known_version))
+            elif isinstance(action, s.Apply):
+                self._spawn(self._apply(action.policy, action.origin))
+            elif isinstance(action, s.WriteCache):
+                try:
+                    self.cache.save(action.policy)
+                except OSError as exc:
+                    _log.error("cannot write the policy cache", extra={"error": exc.strerror})
+            elif isinstance(action, s.CloseStream):
+                _log.info("closing the stream", extra={"reason": action.reason})
+                self._spawn(self._close_stream())
+            else:  # pragma: no cover - the session's action set is closed
+                raise AssertionError(f"unknown action {action!r}")
+
+    # ------------------------------------------------------------------ server I/O
+
+    def _new_channel(self) -> aio.Channel:
+        assert self._credentials is not None
+        options: list[tuple[str, Any]] = [*keepalive_options(self.config.keepalive_s), *GRPC_MESSAGE_OPTIONS]
+        if self.config.server_name_override:
+            options.append(("grpc.ssl_target_name_override", self.config.server_name_override))
+        return aio.secure_channel(self.config.server, self._credentials, options=options)
+
+    async def _connect(self) -> None:
+        await self._close_stream()
+        channel = self._new_channel()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await channel.channel_ready()
+        except (TimeoutError, grpc.RpcError) as exc:
+            await channel.close(None)
+            reason = "timed out connecting" if isinstance(exc, TimeoutError) else _rpc_reason(exc)
+            self.post(s.ConnectFailed(f"cannot reach {self.config.server}: {reason}"))
+            return
+        self._channel = channel
+        stub = dist_grpc.DistributionStub(channel)
+        outbox: asyncio.Queue[dist_pb.AgentMessage | None] = asyncio.Queue()
+        self._outbox = outbox
+        call = stub.Stream()  # type: ignore[call-arg]  # grpc.aio: no iterator = read()/write() style
+        self._call = call
+        self._stream_tasks = [
+            asyncio.create_task(self._writer(call, outbox), name="agent-stream-writer"),
+            asyncio.create_task(self._reader(call), name="agent-stream-reader"),
+        ]
+        _log.info("connected", extra={"server": self.config.server})
+        self.post(s.Connected())
+
+    async def _writer(self, call: Any, outbox: asyncio.Queue[dist_pb.AgentMessage | None]) -> None:
+        try:
+            while True:
+                message = await outbox.get()
+                if message is None:
+                    await call.done_writing()
+                    return
+                await call.write(message)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return  # the reader reports why the stream ended
+
+    async def _reader(self, call: Any) -> None:
+        reason = "the server closed the stream"
+        try:
+            while True:
+                message = await call.read()
+                if message is _EOF:
+                    break
+                self.post(s.Received(message))
+        except grpc.RpcError as exc:
+            reason = _rpc_reason(exc)
+        except asyncio.CancelledError:
+            return
+        if self._call is call:
+            _log.warning("stream closed", extra={"reason": reason})
+            self._call = None
+            self._outbox = None
+            self.post(s.StreamClosed(reason))
+
+    async def _close_stream(self) -> None:
+        call, self._call = self._call, None
+        tasks, self._stream_tasks = self._stream_tasks, []
+        channel, self._channel = self._channel, None
+        self._outbox = None
+        if call is not None:
+            call.cancel()
+        current = asyncio.current_task()
+        for task in tasks:
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not current), return_exceptions=True)
+        if channel is not None:
+            await channel.close(None)
+
+    async def _unary_channel(self) -> tuple[aio.Channel, bool]:
+        if self._channel is not None:
+            return self._channel, False
+        return self._new_channel(), True
+
+    async def _report(self, message: dist_pb.AgentMessage) -> None:
+        channel, owned = await self._unary_channel()
+        try:
+            await dist_grpc.DistributionStub(channel).Report(message, timeout=self.config.rpc_timeout_s)
+        except grpc.RpcError as exc:
+            _log.info("report failed", extra={"reason": _rpc_reason(exc)})
+        finally:
+            if owned:
+                await channel.close(None)
+
+    async def _fetch(self, known_version: str) -> None:
+        channel, owned = await self._unary_channel()
+        try:
+            policy = await dist_grpc.DistributionStub(channel).Fetch(
+                dist_pb.FetchRequest(known_version=known_version), timeout=self.config.rpc_timeout_s
+            )
+        except grpc.RpcError as exc:
+            self.post(s.FetchFailed(_rpc_reason(exc)))
+            return
+        finally:
+            if owned:
+                await channel.close(None)
+        self.post(s.Fetched(policy))
+
+    # ------------------------------------------------------------------ enforcement
+
+    def _facts(self, policy: dist_pb.EffectivePolicy) -> HostFacts:
+        return HostFacts(membership=self.config.membership or policy.membership, computer=self.computer)
+
+    async def _enforce(self, policy: dist_pb.EffectivePolicy, source: str) -> str:
+        """Apply `policy` with the enforcer; returns "" or the reason it failed."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._enforce_executor, self.enforcer.apply, policy, self._facts(policy))
+        except EnforceError as exc:
+            return str(exc)
+        except Exception as exc:  # a bug in the enforcer must still produce a NACK, not silence
+            _log.exception("enforcer failed")
+            return f"internal error in the {self.enforcer.name} enforcer: {type(exc).__name__}"
+        self.enforced, self.enforced_source = policy, source
+        _log.warning(
+            "policy applied (%s)",
+            self.enforcer.describe(),
+            extra={"version": policy.version, "source": source, "policy": policy.policy.name},
+        )
+        return ""
+
+    async def _choose(self, domain: dist_pb.EffectivePolicy) -> tuple[dist_pb.EffectivePolicy, str]:
+        """What to enforce for this domain policy: it, or the local store's when the domain assigns none."""
+        if domain.source != "none" and domain.HasField("policy"):
+            return domain, "domain"
+        assert self.local_store is not None
+        local = await asyncio.get_running_loop().run_in_executor(
+            self._store_executor, assigned_of, self.local_store, "local", self.computer
+        )
+        if local is not None:
+            local.membership = domain.membership
+            return local, "local"
+        return domain, "none"
+
+    async def _apply(self, policy: dist_pb.EffectivePolicy, origin: s.Origin) -> None:
+        chosen, source = await self._choose(policy)
+        error = await self._enforce(chosen, source)
+        if not error:
+            self._domain = policy
+        if error and origin is s.Origin.CACHE:
+            _log.error("cached policy not applied", extra={"reason": error})
+        self.post(s.Applied(policy.version, error))
+
+    def _store_changed(self) -> None:
+        # Called in the store thread after a local-store write: re-choose on the loop.
+        loop = self._loop
+        if loop is not None and self._domain is not None:
+            domain = self._domain
+            loop.call_soon_threadsafe(lambda: self._spawn(self._rechoose(domain)))
+
+    async def _rechoose(self, domain: dist_pb.EffectivePolicy) -> None:
+        if domain is not self._domain:
+            return
+        chosen, source = await self._choose(domain)
+        if self.enforced is not None and chosen.version == self.enforced.version:
+            return
+        error = await self._enforce(chosen, source)
+        if error:
+            _log.error("local policy not applied", extra={"reason": error})
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> agent_pb.LocalStatus:
+        st = self.session.status() if self._session is not None else None
+        out = agent_pb.LocalStatus(
+            computer=self.computer,
+            server=self.config.server,
+            enforcer=self.enforcer.describe(),
+            enforces=self.enforcer.enforces,
+            capabilities=self.enforcer.capabilities(),
+            applied_source=self.enforced_source,
+            policy_name=self.enforced.policy.name if self.enforced is not None else "",
+        )
+        if st is None:
+            out.connection = "starting"
+            return out
+        out.connection = st.state.value
+        out.connection_since_unix_ms = st.state_since_unix_ms
+        out.last_error = st.last_error
+        out.next_retry_unix_ms = st.next_retry_unix_ms
+        out.applied_version = st.applied_version
+        out.running_on_cache = st.running_on_cache
+        out.cache_since_unix_ms = st.cache_since_unix_ms
+        out.last_nack_version = st.last_nack_version
+        out.last_nack_reason = st.last_nack_reason
+        out.summary = summary_line(out)
+        return out
+
+    # ------------------------------------------------------------------ local API
+
+    async def _start_local_api(self) -> None:
+        local, persistent = self.local_store, self.persistent_store
+        assert local is not None and persistent is not None
+
+        def register_local(server: aio.Server) -> None:
+            agent_grpc.add_AgentLocalServicer_to_server(AgentLocalServicer(self), server)
+            add_admin_to_server(PolicyAdminServicer(local, self._store_executor), server)
+
+        def register_persistent(server: aio.Server) -> None:
+            add_admin_to_server(PolicyAdminServicer(persistent, self._store_executor), server)
+
+        self._local_server = await _serve_unix(self.state_dir / SOCKET_FILE, register_local)
+        self._persistent_server = await _serve_unix(self.state_dir / PERSISTENT_SOCKET_FILE, register_persistent)
+
+
+def summary_line(status: agent_pb.LocalStatus) -> str:
+    """One line for humans and logs."""
+    parts = []
+    if status.running_on_cache:
+        parts.append(f"running on cached policy since {_iso(status.cache_since_unix_ms)}")
+    elif status.applied_version:
+        parts.append(f"applied version {status.applied_version[:12]}")
+    else:
+        parts.append("no policy applied")
+    if status.applied_source == "local":
+        parts.append("the local store's policy is in force (the domain assigns none)")
+    parts.append(f"server {status.server}: {status.connection}")
+    if status.last_error and status.connection in ("backoff", "polling", "connecting"):
+        parts.append(status.last_error)
+    if status.last_nack_reason:
+        parts.append(f"rejected {status.last_nack_version[:12]}: {status.last_nack_reason}")
+    parts.append(status.enforcer)
+    return "; ".join(parts)
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def _rpc_reason(exc: BaseException) -> str:
+    if isinstance(exc, aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details() or ''}".strip()
+    if isinstance(exc, grpc.RpcError):
+        return str(exc)
+    return type(exc).__name__
+
+
+async def _serve_unix(path: Path, register: Callable[[aio.Server], None]) -> aio.Server:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    server = aio.server(options=[*GRPC_MESSAGE_OPTIONS])
+    register(server)
+    old_umask = os.umask(0o177)  # the socket is born 0600
+    try:
+        server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    await server.start()
+    return server
+
+
+class AgentLocalServicer(agent_grpc.AgentLocalServicer):
+    def __init__(self, daemon: AgentDaemon) -> None:
+        self._daemon = daemon
+
+    async def GetStatus(
+        self, request: agent_pb.LocalStatusRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.LocalStatus:
+        return self._daemon.status()
+
+    async def GetEffectivePolicy(
+        self, request: agent_pb.LocalPolicyRequest, context: aio.ServicerContext[Any, Any]
+    ) -> dist_pb.EffectivePolicy:
+        enforced = self._daemon.enforced
+        if enforced is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no policy is applied on this computer")
+            raise AssertionError("unreachable")
+        out = dist_pb.EffectivePolicy()
+        out.CopyFrom(enforced)
+        if not request.include_secrets and out.HasField("policy"):
+            masked = mask_secrets(out.policy)
+            assert isinstance(masked, pb.Policy)
+            out.policy.CopyFrom(masked)
+        return out
+
+
+async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
+    """Run the agent until `stop` is set (the CLI sets it on SIGTERM/SIGINT)."""
+    daemon = AgentDaemon(config)
+    await daemon.start()
+    print(f"agent socket {config.state_dir / SOCKET_FILE}", flush=True)
+    try:
+        main = asyncio.ensure_future(daemon.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if main in done:
+            main.result()  # a crash of the loop is an error of the process
+    finally:
+        await daemon.stop()

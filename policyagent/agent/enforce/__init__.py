@@ -1,0 +1,47 @@
+"""Enforcers: what turns an effective policy into protection on this host.
+
+`Enforcer` is the protocol the agent daemon drives. Today there is one backend,
+`recordonly.RecordOnlyEnforcer`, which checks and records and enforces nothing; the
+enforcement issue adds strongSwan (VICI) + kernel shunts behind the same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from policyagent.pb import dist_pb
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the enforcer checks a policy against."""
+
+    membership: str  # "domain" | "workgroup"
+    computer: str = ""
+
+
+class Enforcer(Protocol):
+    name: str  # e.g. "record-only"
+    enforces: bool  # False: protects nothing (say so in status and logs)
+
+    def capabilities(self) -> dist_pb.Capabilities: ...
+
+    def check(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> list[str]:
+        """Why this policy cannot be applied here (empty = it can)."""
+        ...
+
+    def apply(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> None:
+        """Apply the policy all-or-nothing; raise EnforceError with the NACK reason on failure."""
+        ...
+
+    def describe(self) -> str:
+        """One line for status and logs, e.g. "record-only: enforces nothing"."""
+        ...
+
+
+class EnforceError(Exception):
+    """The policy could not be applied; the message is the NACK reason."""
+
+
+__all__ = ["EnforceError", "Enforcer", "HostFacts"]

@@ -1,0 +1,1 @@
+"""Enrollment: proofs (Kerberos, join tokens, the workgroup secret), the Enrollment service and the agent's client."""

@@ -1,0 +1,210 @@
+"""`policyagent admin-cert | host-cert | join-token | ca`: identity commands, run on the server host.
+
+They work directly on the server's data directory (they need the CA key, which
+never leaves it), whether or not the server runs. A revocation is signalled to
+a running server (SIGHUP to the pid in its lock file), which applies it at once:
+calls with that certificate are refused and subscribers (the distribution hub)
+close its streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from policyagent.pki.ca import PkiError, check_name, fingerprint
+from policyagent.pki.identity import IDENTITY_FILE, IdentityStore
+
+DEFAULT_DATA_DIR = "./policyagent-data"
+LOCK_FILE = "server.lock"  # policyagent.server.app.LOCK_FILE
+
+_TTL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> float:
+    """'90', '30m', '1h', '7d' → seconds; ValueError otherwise."""
+    match = _TTL_RE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"cannot read the lifetime {text!r}: give a number with s, m, h or d (e.g. 1h)")
+    return float(match.group(1)) * _TTL_UNITS[match.group(2)]
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.data_dir).absolute()
+    if not path.is_dir():
+        raise PkiError(f"{path} is not a server data directory (start the server once, or pass --data-dir)")
+    return path
+
+
+def _open_ca(data_dir: Path) -> Any:
+    from policyagent.pki.ca import CertificateAuthority
+    from policyagent.pki.server import PKI_SUBDIR
+
+    return CertificateAuthority.load_or_create(data_dir / PKI_SUBDIR)[0]
+
+
+def notify_server(data_dir: Path) -> str:
+    """Tell a server running on `data_dir` to reload revocations; what happened, for the user."""
+    lock = data_dir / LOCK_FILE
+    if not lock.exists():
+        return "no server is running on this data directory; it applies this when it starts"
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass  # held: a server runs
+        else:
+            return "no server is running on this data directory; it applies this when it starts"
+        text = os.read(fd, 32).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    if not text.isdigit():
+        return "a server holds this data directory but its pid is unknown; restart it to apply this"
+    os.kill(int(text), signal.SIGHUP)
+    return f"the running server (pid {text}) applies it now"
+
+
+def _admin_issue(args: argparse.Namespace) -> int:
+    from policyagent.pki.server import write_admin_dir
+
+    data_dir = _data_dir(args)
+    name = check_name("admin", args.name)
+    out = Path(args.out) if args.out else Path(f"policyagent-admin-{name}")
+    ca = _open_ca(data_dir)
+    identity = IdentityStore(data_dir / IDENTITY_FILE)
+    try:
+        peer = write_admin_dir(out, ca, identity, name)
+    finally:
+        identity.close()
+    print(f"admin certificate for {name} (serial {peer.serial:x}) written to {out}/: admin.crt, admin.key, ca.crt")
+    print(f"use it with: netsh --cert-dir {out} -r HOST:PORT ...  (or POLICYAGENT_ADMIN_DIR={out})")
+    return 0
+
+
+def _revoke(role: str, args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    identity = IdentityStore(data_dir / IDENTITY_FILE)
+    try:
+        peers = identity.revoke("admin" if role == "admin" else "agent", args.name)
+    finally:
+        identity.close()
+    what = "admin" if role == "admin" else "computer"
+    serials = ", ".join(f"{p.serial:x}" for p in peers)
+    print(f"revoked {what} {args.name}: {len(peers)} certificate(s) ({serials}); {notify_server(data_dir)}")
+    return 0
+
+
+def _list(role: str, args: argparse.Namespace) -> int:
+    identity = IdentityStore(_data_dir(args) / IDENTITY_FILE)
+    try:
+        records = identity.certificates("admin" if role == "admin" else "agent")
+    finally:
+        identity.close()
+    for rec in records:
+        state = "valid" if rec.revoked_ms is None else f"revoked {_iso(rec.revoked_ms)} ({rec.revoke_reason})"
+        issued, expires = _iso(rec.issued_ms), _iso(rec.not_after_ms)
+        print(f"{rec.name}\tserial {rec.serial:x}\tissued {issued}\texpires {expires}\t{state}")
+    return 0
+
+
+def _join_token(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    identity = IdentityStore(data_dir / IDENTITY_FILE)
+    try:
+        token, expires = identity.create_join_token(
+            args.computer.lower(), parse_ttl(args.ttl), created_by=f"uid{os.getuid()}", domain=args.domain or ""
+        )
+    finally:
+        identity.close()
+    # The token alone on stdout (scripts capture it); the explanation on stderr.
+    print(token)
+    member = f"a member of domain {args.domain}" if args.domain else "a workgroup machine"
+    print(
+        f"one-time join token for computer {args.computer.lower()} ({member}), valid until {_iso(expires)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _ca_fingerprint(args: argparse.Namespace) -> int:
+    ca = _open_ca(_data_dir(args))
+    print(f"SHA256:{fingerprint(ca.cert)}")
+    return 0
+
+
+def _iso(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", default=DEFAULT_DATA_DIR, help="the server's data directory (default: %(default)s)"
+    )
+
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_admin_cert(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("admin-cert", help="issue, revoke and list admin certificates")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    issue = sub.add_parser("issue", help="issue an admin certificate (writes admin.crt, admin.key 0600, ca.crt)")
+    issue.add_argument("name", metavar="NAME")
+    issue.add_argument("--out", metavar="DIR", help="where to write it (default: ./policyagent-admin-NAME)")
+    _data_dir_arg(issue)
+    issue.set_defaults(handler=_admin_issue)
+    revoke = sub.add_parser("revoke", help="revoke every certificate of an admin, at once")
+    revoke.add_argument("name", metavar="NAME")
+    _data_dir_arg(revoke)
+    revoke.set_defaults(handler=lambda args: _revoke("admin", args))
+    listing = sub.add_parser("list", help="list admin certificates")
+    _data_dir_arg(listing)
+    listing.set_defaults(handler=lambda args: _list("admin", args))
+
+
+def add_host_cert(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("host-cert", help="revoke and list computers' host certificates")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    revoke = sub.add_parser(
+        "revoke", help="revoke a computer's host certificate: its agent is cut off at once and must re-enroll"
+    )
+    revoke.add_argument("name", metavar="COMPUTER")
+    _data_dir_arg(revoke)
+    revoke.set_defaults(handler=lambda args: _revoke("agent", args))
+    listing = sub.add_parser("list", help="list host certificates")
+    _data_dir_arg(listing)
+    listing.set_defaults(handler=lambda args: _list("agent", args))
+
+
+def add_join_token(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("join-token", help="one-time enrollment tokens")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = sub.add_parser("create", help="make a one-time token bound to a computer name (printed once)")
+    create.add_argument("computer", metavar="COMPUTER")
+    create.add_argument("--ttl", default="1h", help="how long it is valid: 90s, 30m, 1h, 7d (default: %(default)s)")
+    create.add_argument(
+        "--domain", metavar="DNSDOMAIN", help="the computer is a member of this domain (default: workgroup machine)"
+    )
+    _data_dir_arg(create)
+    create.set_defaults(handler=_join_token)
+
+
+def add_ca(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("ca", help="the server's certificate authority")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fp = sub.add_parser("fingerprint", help="print the CA certificate's SHA-256 fingerprint (for --ca-fingerprint)")
+    _data_dir_arg(fp)
+    fp.set_defaults(handler=_ca_fingerprint)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [add_admin_cert, add_host_cert, add_join_token, add_ca]

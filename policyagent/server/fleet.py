@@ -1,0 +1,207 @@
+"""Per-agent distribution records and the fleet status view (issue 3 item 5).
+
+The hub updates `AgentRecord`s in memory as agents say Hello, ACK, NACK, heartbeat
+and disconnect; `FleetRegistry` persists them to its own small SQLite file in the
+data directory (`fleet.sqlite3`), written behind in batches so 10,000 agents
+connecting at once cost a handful of transactions, not 10,000 fsyncs. The records are
+status, not policy: losing the last half second of them in a crash costs nothing but
+a stale "last seen", which the agents' next Hello corrects.
+
+`fleet_status()` is pure: records + desired versions + now → the FleetStatus message.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from policyagent.pb import dist_pb, fleet_pb
+
+FLEET_FILE = "fleet.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    computer TEXT PRIMARY KEY,
+    desired_version TEXT NOT NULL DEFAULT '',
+    applied_version TEXT NOT NULL DEFAULT '',
+    last_nack_version TEXT NOT NULL DEFAULT '',
+    last_nack_reason TEXT NOT NULL DEFAULT '',
+    last_nack_unix_ms INTEGER NOT NULL DEFAULT 0,
+    last_ack_unix_ms INTEGER NOT NULL DEFAULT 0,
+    last_seen_unix_ms INTEGER NOT NULL DEFAULT 0,
+    connected_since_unix_ms INTEGER NOT NULL DEFAULT 0,
+    online INTEGER NOT NULL DEFAULT 0,
+    running_on_cache INTEGER NOT NULL DEFAULT 0,
+    cache_since_unix_ms INTEGER NOT NULL DEFAULT 0,
+    capabilities BLOB NOT NULL DEFAULT x'',
+    agent_version TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT ''
+)
+"""
+
+
+@dataclass
+class AgentRecord:
+    """What the server knows about one agent (mutable: the hub updates it in place)."""
+
+    computer: str
+    desired_version: str = ""
+    applied_version: str = ""
+    last_nack_version: str = ""
+    last_nack_reason: str = ""
+    last_nack_unix_ms: int = 0
+    last_ack_unix_ms: int = 0
+    last_seen_unix_ms: int = 0
+    connected_since_unix_ms: int = 0
+    online: bool = False
+    running_on_cache: bool = False
+    cache_since_unix_ms: int = 0
+    capabilities: bytes = b""
+    agent_version: str = ""
+    peer: str = ""
+
+
+_COLUMNS = [f.name for f in fields(AgentRecord)]
+
+
+class FleetRegistry:
+    """AgentRecords in memory, persisted write-behind to `path` (SQLite, WAL).
+
+    All methods are called from the event loop except `flush()`, which the hub runs
+    in a worker thread; the dirty set is handed over under a lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()
+        self.records: dict[str, AgentRecord] = {}
+        for row in self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM agents"):
+            record = AgentRecord(**dict(zip(_COLUMNS, row, strict=True)))
+            record.online = bool(record.online)
+            record.running_on_cache = bool(record.running_on_cache)
+            # A record says online only while this server holds the agent's stream.
+            if record.online:
+                record.online = False
+                self._dirty.add(record.computer)
+            self.records[record.computer] = record
+
+    def get(self, computer: str) -> AgentRecord:
+        """The record of `computer`, created empty if the server has never heard of it."""
+        record = self.records.get(computer)
+        if record is None:
+            record = self.records[computer] = AgentRecord(computer)
+        return record
+
+    def touch(self, computer: str) -> None:
+        """Mark a record changed so the next flush writes it."""
+        with self._lock:
+            self._dirty.add(computer)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def flush(self) -> int:
+        """Write every changed record in one transaction; returns how many (worker thread)."""
+        with self._lock:
+            names, self._dirty = self._dirty, set()
+            rows = []
+            for name in names:
+                record = self.records.get(name)
+                if record is not None:
+                    rows.append(tuple(getattr(record, c) for c in _COLUMNS))
+        if not rows:
+            return 0
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        self._conn.execute("BEGIN")
+        try:
+            self._conn.executemany(
+                f"INSERT OR REPLACE INTO agents ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            with self._lock:
+                self._dirty.update(names)
+            raise
+        return len(rows)
+
+    def close(self) -> None:
+        self.flush()
+        self._conn.close()
+
+
+def agent_state(
+    record: AgentRecord, desired: str, now_ms: int, stale_after_ms: int
+) -> fleet_pb.AgentState.ValueType:
+    """The one word for an agent; the first that holds: offline, stale, rejected, pending, in sync."""
+    if not record.online:
+        return fleet_pb.AGENT_STATE_OFFLINE
+    if now_ms - record.last_seen_unix_ms > stale_after_ms:
+        return fleet_pb.AGENT_STATE_STALE
+    if desired and record.applied_version == desired:
+        return fleet_pb.AGENT_STATE_IN_SYNC
+    if desired and record.last_nack_version == desired:
+        return fleet_pb.AGENT_STATE_REJECTED
+    return fleet_pb.AGENT_STATE_PENDING
+
+
+def fleet_status(
+    records: Iterable[AgentRecord],
+    desired: Mapping[str, str],
+    now_ms: int,
+    stale_after_ms: int,
+) -> fleet_pb.FleetStatus:
+    """The FleetStatus message for `records`, with each agent's desired version from `desired`."""
+    out = fleet_pb.FleetStatus(server_time_unix_ms=now_ms)
+    counts = {
+        fleet_pb.AGENT_STATE_IN_SYNC: 0,
+        fleet_pb.AGENT_STATE_PENDING: 0,
+        fleet_pb.AGENT_STATE_REJECTED: 0,
+        fleet_pb.AGENT_STATE_STALE: 0,
+        fleet_pb.AGENT_STATE_OFFLINE: 0,
+    }
+    for record in sorted(records, key=lambda r: r.computer):
+        want = desired.get(record.computer, record.desired_version)
+        state = agent_state(record, want, now_ms, stale_after_ms)
+        counts[state] += 1
+        agent = out.agents.add(
+            computer=record.computer,
+            state=state,
+            online=record.online,
+            desired_version=want,
+            applied_version=record.applied_version,
+            last_nack_version=record.last_nack_version,
+            last_nack_reason=record.last_nack_reason,
+            last_nack_unix_ms=record.last_nack_unix_ms,
+            last_ack_unix_ms=record.last_ack_unix_ms,
+            last_seen_unix_ms=record.last_seen_unix_ms,
+            connected_since_unix_ms=record.connected_since_unix_ms,
+            running_on_cache=record.running_on_cache,
+            cache_since_unix_ms=record.cache_since_unix_ms,
+            agent_version=record.agent_version,
+            peer=record.peer,
+        )
+        if record.capabilities:
+            agent.capabilities.ParseFromString(record.capabilities)
+        if record.running_on_cache:
+            out.on_cache += 1
+    out.total = len(out.agents)
+    out.in_sync = counts[fleet_pb.AGENT_STATE_IN_SYNC]
+    out.pending = counts[fleet_pb.AGENT_STATE_PENDING]
+    out.rejected = counts[fleet_pb.AGENT_STATE_REJECTED]
+    out.stale = counts[fleet_pb.AGENT_STATE_STALE]
+    out.offline = counts[fleet_pb.AGENT_STATE_OFFLINE]
+    return out
+
+
+def capabilities_bytes(capabilities: dist_pb.Capabilities) -> bytes:
+    return capabilities.SerializeToString(deterministic=True)

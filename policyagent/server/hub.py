@@ -1,0 +1,604 @@
+"""The distribution hub: one grpc.aio stream per agent, pushes on change (DESIGN §4).
+
+Every agent holds one `Distribution.Stream`. The hub keeps one `_Connection` per
+computer: a small object with an outgoing list and an `asyncio.Event`; no thread is
+pinned by a stream and nothing sleep-polls. When the effective policies of some
+computers change (`EffectiveSource.subscribe`), the hub marks those computers dirty;
+one refresher task takes the dirty set, computes the new effective policies of the
+connected ones in one batch on the store thread, and wakes exactly those streams.
+Each push gets a new nonce; ACKs and NACKs are matched against the nonces issued to
+that computer (xDS: an answer to a nonce never issued is ignored).
+
+Identity comes only from the client certificate (`identify(context)`); the Hello's
+`computer` field is informational. A revoked certificate's stream is closed at once
+(`revoke()`).
+
+Per agent the hub keeps an `AgentRecord` (policyagent/server/fleet.py), persisted
+write-behind to its own SQLite file, and serves the admin `Fleet` service from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc import aio
+
+from policyagent.model.errors import NotFoundError
+from policyagent.pb import dist_grpc, dist_pb, fleet_grpc, fleet_pb
+from policyagent.server.fleet import FLEET_FILE, AgentRecord, FleetRegistry, capabilities_bytes, fleet_status
+
+_log = logging.getLogger("policyagent.server.hub")
+
+T = TypeVar("T")
+
+# How many nonces per computer an ACK/NACK may answer (pushes, fetches).
+_NONCES_KEPT = 16
+# An agent that heartbeats every 30 s and has not been heard for this long is stale.
+DEFAULT_STALE_AFTER_S = 120.0
+DEFAULT_KEEPALIVE_S = 20.0
+# Write-behind delay of the fleet records, and the coalescing window of Fleet.Watch.
+_FLUSH_DELAY_S = 0.2
+_NOT_REGISTERED = "computer {!r} is not in the server's registry of computers"
+_WATCH_DELAY_S = 0.2
+
+
+class EffectiveSource(Protocol):
+    """What the hub needs of the effective-policy resolver (policyagent/server/effective.py)."""
+
+    def get(self, computer: str) -> dist_pb.EffectivePolicy: ...
+
+    def version_of(self, computer: str) -> str: ...
+
+    def subscribe(self, callback: Callable[[frozenset[str]], None]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end, from the client certificate."""
+
+    name: str
+    serial: int = 0
+
+
+# identify(context) → Caller, aborting the call (UNAUTHENTICATED / PERMISSION_DENIED) if it is not an agent.
+Identify = Callable[[aio.ServicerContext[Any, Any]], Awaitable[Caller]]
+# authorize_admin(context): aborts the call unless the caller holds an admin certificate.
+AuthorizeAdmin = Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(eq=False)
+class _Connection:
+    computer: str
+    serial: int
+    peer: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    outgoing: list[dist_pb.ServerMessage] = field(default_factory=list)
+    ready: bool = False  # Hello received and answered
+    sent_version: str = ""
+    generation: int = -1  # of the newest effective policy queued (older computations lose)
+    close_code: grpc.StatusCode | None = None
+    close_reason: str = ""
+    closed: bool = False
+
+    def send(self, message: dist_pb.ServerMessage) -> None:
+        self.outgoing.append(message)
+        self.wake.set()
+
+    def close(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+        if not self.closed:
+            self.closed, self.close_reason, self.close_code = True, reason, code
+            self.wake.set()
+
+
+class Hub:
+    """Owns the agent streams, the fleet records and the push fan-out."""
+
+    def __init__(
+        self,
+        effective: EffectiveSource,
+        registry: FleetRegistry,
+        *,
+        store_executor: Executor | None = None,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    ) -> None:
+        self._effective = effective
+        self.registry = registry
+        # Where batches of effective-policy reads run (None: the loop's default executor).
+        self._store_executor = store_executor
+        self._flush_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyagent-fleet")
+        self.keepalive_s = keepalive_s
+        self.stale_after_s = stale_after_s
+        self._conns: dict[str, _Connection] = {}
+        self._nonces: dict[str, collections.deque[str]] = {}
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._flush_event = asyncio.Event()
+        self._watchers: set[asyncio.Event] = set()
+        self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe: Any = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [
+            asyncio.create_task(self._refresher(), name="hub-refresher"),
+            asyncio.create_task(self._flusher(), name="hub-flusher"),
+        ]
+        self._unsubscribe = self._effective.subscribe(self.on_effective_changed)
+
+    async def stop(self) -> None:
+        if callable(self._unsubscribe):
+            self._unsubscribe()
+        for conn in list(self._conns.values()):
+            conn.close("server shutting down", grpc.StatusCode.UNAVAILABLE)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for record in self.registry.records.values():
+            if record.online:
+                record.online = False
+                self.registry.touch(record.computer)
+        await asyncio.get_running_loop().run_in_executor(self._flush_executor, self.registry.close)
+        self._flush_executor.shutdown(wait=True)
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        # EffectivePolicies is in memory and thread-safe: batches run off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(self._store_executor, fn, *args)
+
+    # ---------------------------------------------------------------- change notification
+
+    def on_effective_changed(self, computers: frozenset[str]) -> None:
+        """EffectiveSource callback: these computers' effective policies changed. Any thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._mark_dirty(computers)
+        else:
+            loop.call_soon_threadsafe(self._mark_dirty, computers)
+
+    def _mark_dirty(self, computers: Iterable[str]) -> None:
+        self._dirty.update(computers)
+        self._dirty_event.set()
+        self._status_touched()
+
+    async def _refresher(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            dirty, self._dirty = self._dirty, set()
+            targets = [c for c in dirty if c in self._conns and self._conns[c].ready]
+            if not targets:
+                continue
+            generation = self._next_generation()
+            try:
+                policies = await self._blocking(self._get_many, targets)
+            except Exception:
+                _log.exception("effective policy computation failed", extra={"computers": len(targets)})
+                continue
+            for computer, policy in policies.items():
+                conn = self._conns.get(computer)
+                if conn is None or not conn.ready:
+                    continue
+                if policy is None:
+                    conn.close(_NOT_REGISTERED.format(computer), grpc.StatusCode.FAILED_PRECONDITION)
+                else:
+                    self._push(conn, policy, generation, confirm=False)
+
+    def _get_many(self, computers: list[str]) -> dict[str, dist_pb.EffectivePolicy | None]:
+        out: dict[str, dist_pb.EffectivePolicy | None] = {}
+        for computer in computers:
+            try:
+                out[computer] = self._effective.get(computer)
+            except NotFoundError:
+                out[computer] = None  # deleted from the registry
+        return out
+
+    def _next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def _issue_nonce(self, computer: str) -> str:
+        nonce = new_nonce()
+        kept = self._nonces.get(computer)
+        if kept is None:
+            kept = self._nonces[computer] = collections.deque(maxlen=_NONCES_KEPT)
+        kept.append(nonce)
+        return nonce
+
+    def _push(self, conn: _Connection, policy: dist_pb.EffectivePolicy, generation: int, *, confirm: bool) -> None:
+        """Queue `policy` on the stream unless it is older than, or the same as, what was sent."""
+        if generation < conn.generation:
+            return
+        conn.generation = generation
+        record = self.registry.get(conn.computer)
+        if record.desired_version != policy.version:
+            record.desired_version = policy.version
+            self.registry.touch(conn.computer)
+            self._status_touched()
+        if policy.version == conn.sent_version and not confirm:
+            return
+        nonce = self._issue_nonce(conn.computer)
+        if confirm:
+            out = dist_pb.EffectivePolicy(version=policy.version, nonce=nonce, unchanged=True)
+        else:
+            out = dist_pb.EffectivePolicy()
+            out.CopyFrom(policy)
+            out.nonce = nonce
+            out.unchanged = False
+        conn.sent_version = policy.version
+        conn.send(dist_pb.ServerMessage(policy=out))
+        _log.debug("push", extra={"computer": conn.computer, "version": policy.version, "confirm": confirm})
+
+    # ---------------------------------------------------------------- streams
+
+    async def serve_stream(
+        self,
+        caller: Caller,
+        requests: AsyncIterator[dist_pb.AgentMessage],
+        context: aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Run one agent's stream until it ends, the agent is revoked or the server stops."""
+        conn = _Connection(caller.name, caller.serial, context.peer() or "")
+        old = self._conns.get(caller.name)
+        if old is not None:
+            old.close("replaced by a newer stream from the same computer", grpc.StatusCode.ABORTED)
+        self._conns[caller.name] = conn
+        reader = asyncio.create_task(self._read(conn, requests), name=f"hub-read-{caller.name}")
+        try:
+            while True:
+                if not conn.outgoing and not conn.closed:
+                    try:
+                        async with asyncio.timeout(self.keepalive_s):
+                            await conn.wake.wait()
+                    except TimeoutError:
+                        await context.write(
+                            dist_pb.ServerMessage(keepalive=dist_pb.KeepAlive(server_time_unix_ms=_now_ms()))
+                        )
+                        continue
+                conn.wake.clear()
+                batch, conn.outgoing = conn.outgoing, []
+                for message in batch:
+                    await context.write(message)
+                if conn.closed:
+                    break
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            if self._conns.get(caller.name) is conn:
+                del self._conns[caller.name]
+                record = self.registry.get(caller.name)
+                record.online = False
+                record.last_seen_unix_ms = _now_ms()
+                self.registry.touch(caller.name)
+                self._status_touched()
+            _log.info("agent stream closed", extra={"computer": caller.name, "reason": conn.close_reason})
+        if conn.close_code is not None:
+            await context.abort(conn.close_code, conn.close_reason)
+
+    async def _read(self, conn: _Connection, requests: AsyncIterator[dist_pb.AgentMessage]) -> None:
+        try:
+            first = True
+            async for message in requests:
+                kind = message.WhichOneof("msg")
+                if first:
+                    first = False
+                    if kind != "hello":
+                        conn.close("the first message on the stream must be a Hello", grpc.StatusCode.INVALID_ARGUMENT)
+                        return
+                    await self._on_hello(conn, message.hello)
+                    continue
+                self.record_message(conn.computer, message, conn)
+            conn.close("agent closed the stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the transport broke under the agent: it reconnects
+            conn.close(f"stream error: {type(exc).__name__}")
+
+    async def _on_hello(self, conn: _Connection, hello: dist_pb.Hello) -> None:
+        if hello.computer and hello.computer.lower() != conn.computer.lower():
+            _log.warning(
+                "hello names another computer; the certificate wins",
+                extra={"computer": conn.computer, "claimed": hello.computer},
+            )
+        now = _now_ms()
+        record = self.registry.get(conn.computer)
+        record.online = True
+        record.connected_since_unix_ms = now
+        record.peer = conn.peer
+        self._record_hello(record, hello, now)
+        generation = self._next_generation()
+        try:
+            policy = self._effective.get(conn.computer)  # in memory: cheap enough for the loop
+        except NotFoundError:
+            conn.close(_NOT_REGISTERED.format(conn.computer), grpc.StatusCode.FAILED_PRECONDITION)
+            return
+        if conn.closed:
+            return
+        conn.ready = True
+        self._push(conn, policy, generation, confirm=policy.version == hello.applied_version)
+        _log.info(
+            "agent connected",
+            extra={
+                "computer": conn.computer,
+                "applied": hello.applied_version,
+                "desired": policy.version,
+                "running_on_cache": hello.running_on_cache,
+            },
+        )
+
+    def _record_hello(self, record: AgentRecord, hello: dist_pb.Hello, now: int) -> None:
+        record.last_seen_unix_ms = now
+        record.applied_version = hello.applied_version
+        record.running_on_cache = hello.running_on_cache
+        record.cache_since_unix_ms = hello.cache_since_unix_ms if hello.running_on_cache else 0
+        record.capabilities = capabilities_bytes(hello.capabilities)
+        record.agent_version = hello.agent_version
+        self.registry.touch(record.computer)
+        self._status_touched()
+
+    def record_message(self, computer: str, message: dist_pb.AgentMessage, conn: _Connection | None = None) -> None:
+        """Record an Ack, Nack, Heartbeat (or, over Report, a Hello) from `computer`."""
+        now = _now_ms()
+        record = self.registry.get(computer)
+        record.last_seen_unix_ms = now
+        kind = message.WhichOneof("msg")
+        if kind == "ack":
+            if self._known_nonce(computer, message.ack.nonce):
+                record.applied_version = message.ack.version
+                record.last_ack_unix_ms = now
+                record.running_on_cache = False
+                record.cache_since_unix_ms = 0
+                _log.info("ack", extra={"computer": computer, "version": message.ack.version})
+        elif kind == "nack":
+            if self._known_nonce(computer, message.nack.nonce):
+                record.last_nack_version = message.nack.version
+                record.last_nack_reason = message.nack.reason[:1000]
+                record.last_nack_unix_ms = now
+                _log.warning(
+                    "nack",
+                    extra={"computer": computer, "version": message.nack.version, "reason": record.last_nack_reason},
+                )
+        elif kind == "heartbeat":
+            record.applied_version = message.heartbeat.applied_version
+            record.running_on_cache = message.heartbeat.running_on_cache
+            record.cache_since_unix_ms = message.heartbeat.cache_since_unix_ms if record.running_on_cache else 0
+        elif kind == "hello":
+            self._record_hello(record, message.hello, now)
+        self.registry.touch(computer)
+        self._status_touched()
+
+    def _known_nonce(self, computer: str, nonce: str) -> bool:
+        known = nonce in self._nonces.get(computer, ())
+        if not known:
+            _log.info("answer to an unknown nonce ignored", extra={"computer": computer})
+        return known
+
+    # ---------------------------------------------------------------- unary calls
+
+    async def fetch(self, caller: Caller, known_version: str) -> dist_pb.EffectivePolicy:
+        """The polling fallback: the current effective policy, or `unchanged` if known_version is it."""
+        try:
+            policy = self._effective.get(caller.name)
+        except NotFoundError as exc:
+            raise NotFoundError(_NOT_REGISTERED.format(caller.name)) from exc
+        record = self.registry.get(caller.name)
+        record.last_seen_unix_ms = _now_ms()
+        record.desired_version = policy.version
+        self.registry.touch(caller.name)
+        self._status_touched()
+        nonce = self._issue_nonce(caller.name)
+        if known_version and known_version == policy.version:
+            return dist_pb.EffectivePolicy(version=policy.version, nonce=nonce, unchanged=True)
+        out = dist_pb.EffectivePolicy()
+        out.CopyFrom(policy)
+        out.nonce = nonce
+        return out
+
+    # ---------------------------------------------------------------- revocation
+
+    def revoke(self, *, name: str = "", serial: int = 0) -> bool:
+        """Close the stream of the agent with this certificate serial (or computer name) at once."""
+        hit = False
+        for conn in list(self._conns.values()):
+            if (serial and conn.serial == serial) or (name and not serial and conn.computer == name):
+                conn.close("the agent's certificate has been revoked", grpc.StatusCode.PERMISSION_DENIED)
+                hit = True
+        return hit
+
+    def connected(self) -> list[str]:
+        return sorted(c for c, conn in self._conns.items() if conn.ready)
+
+    # ---------------------------------------------------------------- fleet status
+
+    def _status_touched(self) -> None:
+        self._flush_event.set()
+        for event in self._watchers:
+            event.set()
+
+    async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._flush_event.wait()
+            await asyncio.sleep(_FLUSH_DELAY_S)  # coalesce a burst into one transaction
+            self._flush_event.clear()
+            try:
+                await loop.run_in_executor(self._flush_executor, self.registry.flush)
+            except Exception:
+                _log.exception("writing the fleet records failed")
+
+    async def status(self, computers: Iterable[str] = ()) -> fleet_pb.FleetStatus:
+        wanted = {c for c in computers}
+        records = [r for r in self.registry.records.values() if not wanted or r.computer in wanted]
+        names = [r.computer for r in records]
+        desired = await self._blocking(self._versions_of, names)
+        return fleet_status(records, desired, _now_ms(), int(self.stale_after_s * 1000))
+
+    def _versions_of(self, names: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name in names:
+            try:
+                out[name] = self._effective.version_of(name)
+            except Exception:  # unknown to the resolver (deleted computer): keep what was last pushed
+                continue
+        return out
+
+    async def watch(self, computers: Iterable[str] = ()) -> AsyncIterator[fleet_pb.FleetStatus]:
+        wanted = list(computers)
+        changed = asyncio.Event()
+        changed.set()  # the first snapshot at once
+        self._watchers.add(changed)
+        try:
+            while True:
+                await changed.wait()
+                changed.clear()
+                yield await self.status(wanted)
+                await asyncio.sleep(_WATCH_DELAY_S)  # coalesce: at most a few snapshots a second
+        finally:
+            self._watchers.discard(changed)
+
+
+# -------------------------------------------------------------------- servicers
+
+
+class DistributionServicer(dist_grpc.DistributionServicer):
+    """Thin: identity from the certificate, then the hub."""
+
+    def __init__(self, hub: Hub, identify: Identify) -> None:
+        self._hub = hub
+        self._identify = identify
+
+    async def Stream(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[dist_pb.AgentMessage],
+        context: aio.ServicerContext[dist_pb.AgentMessage, dist_pb.ServerMessage],
+    ) -> None:
+        caller = await self._identify(context)
+        await self._hub.serve_stream(caller, request_iterator, context)
+
+    async def Fetch(
+        self, request: dist_pb.FetchRequest, context: aio.ServicerContext[Any, Any]
+    ) -> dist_pb.EffectivePolicy:
+        caller = await self._identify(context)
+        try:
+            return await self._hub.fetch(caller, request.known_version)
+        except NotFoundError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise  # unreachable: abort raises
+
+    async def Report(
+        self, request: dist_pb.AgentMessage, context: aio.ServicerContext[Any, Any]
+    ) -> dist_pb.ReportResponse:
+        caller = await self._identify(context)
+        self._hub.record_message(caller.name, request)
+        return dist_pb.ReportResponse()
+
+
+class FleetServicer(fleet_grpc.FleetServicer):
+    """Admin only: where every agent stands."""
+
+    def __init__(self, hub: Hub, authorize_admin: AuthorizeAdmin) -> None:
+        self._hub = hub
+        self._authorize = authorize_admin
+
+    async def Status(
+        self, request: fleet_pb.FleetStatusRequest, context: aio.ServicerContext[Any, Any]
+    ) -> fleet_pb.FleetStatus:
+        await self._authorize(context)
+        return await self._hub.status(request.computers)
+
+    async def Watch(
+        self, request: fleet_pb.FleetStatusRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[fleet_pb.FleetStatus]:
+        await self._authorize(context)
+        async for snapshot in self._hub.watch(request.computers):
+            yield snapshot
+
+
+def add_to_server(hub: Hub, server: aio.Server, identify: Identify, authorize_admin: AuthorizeAdmin) -> None:
+    dist_grpc.add_DistributionServicer_to_server(DistributionServicer(hub, identify), server)
+    fleet_grpc.add_FleetServicer_to_server(FleetServicer(hub, authorize_admin), server)
+
+
+async def identify_by_certificate(context: aio.ServicerContext[Any, Any]) -> Caller:
+    """The calling agent from its host certificate (policyagent.pki.authz); aborts the call otherwise."""
+    from policyagent.model.assignment import canonical_computer_name
+    from policyagent.pki.authz import require_agent
+
+    peer = await require_agent(context)
+    # The registry's names are canonical (lower-case); so are the hub's.
+    return Caller(canonical_computer_name(peer.name), peer.serial)
+
+
+async def require_admin_certificate(context: aio.ServicerContext[Any, Any]) -> None:
+    from policyagent.pki.authz import require_admin
+
+    await require_admin(context)
+
+
+def attach_distribution(
+    server: aio.Server,
+    *,
+    effective: EffectiveSource,
+    data_dir: Path,
+    revocations: Any,
+    store_executor: Executor | None = None,
+    keepalive_s: float = DEFAULT_KEEPALIVE_S,
+) -> Hub:
+    """What the server process does: a Hub on `data_dir`/fleet.sqlite3, Distribution and Fleet on
+    `server` (identity from certificates), and revoked agents' streams closed at once.
+
+    Call `await hub.start()` once the loop runs and `await hub.stop()` before the server stops.
+    """
+    hub = Hub(effective, FleetRegistry(data_dir / FLEET_FILE), store_executor=store_executor, keepalive_s=keepalive_s)
+    add_to_server(hub, server, identify_by_certificate, require_admin_certificate)
+
+    def on_revoked(peer: Any) -> None:
+        if getattr(peer, "role", "") == "agent":
+            hub.revoke(serial=peer.serial)
+
+    revocations.subscribe(on_revoked)
+    return hub
+
+
+DISTRIBUTION_SERVICE: str = dist_pb.DESCRIPTOR.services_by_name["Distribution"].full_name
+FLEET_SERVICE: str = fleet_pb.DESCRIPTOR.services_by_name["Fleet"].full_name
+
+__all__ = [
+    "DISTRIBUTION_SERVICE",
+    "FLEET_SERVICE",
+    "Caller",
+    "DistributionServicer",
+    "EffectiveSource",
+    "FleetServicer",
+    "Hub",
+    "add_to_server",
+    "attach_distribution",
+    "identify_by_certificate",
+]
