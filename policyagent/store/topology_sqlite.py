@@ -658,8 +658,18 @@ class _Writer:
                 domain,
             )
             if not known:
+                workgroup = self.read.count(
+                    "SELECT count(*) FROM computers WHERE membership = 'workgroup' AND upper(domain) = upper(?)",
+                    scope.name.strip(),
+                )
+                hint = (
+                    f' ("{scope.name.strip()}" is a workgroup: workgroup machines get GPOs only through an OU'
+                    " of the registry or their site)"
+                    if workgroup
+                    else ""
+                )
                 raise ValidationError(
-                    Violation(path, "scope", f"no OU or computer in the registry is in domain {domain}")
+                    Violation(path, "scope", f"no OU or computer in the registry is in domain {domain}{hint}")
                 )
             return Scope.domain(domain)
         dn = parse_dn(scope.name, field_name="scope", path=path)
