@@ -1,27 +1,35 @@
-"""Fan-out benchmark: N simulated agents on one distribution hub; prints figures, asserts nothing.
+"""Fan-out benchmark: N simulated agents on one policy server; prints figures, asserts nothing.
 
-    .venv/bin/python bench/fanout.py [--agents 1000] [--workers 4] [--cache-dir DIR]
+    .venv/bin/python bench/fanout.py [--agents 1000] [--workers 4] [--pace 32] [--cache-dir DIR]
 
 - Certificates: one CA and N agent certificates (real, each its own key and CN
   "bench-NNNNN"), issued once into --cache-dir and reused by later runs.
-- Server: a subprocess running the real `Hub` (policyagent/server/hub.py) with its
-  Distribution and Fleet services on an mTLS port (client certificates required and
-  mapped to the computer by the certificate, as in the server), and an in-memory
-  effective-policy source holding every agent's policy (the bench measures the hub
-  and the streams, not the resolver).
+- Server: a subprocess running the real `PolicyServer` (policyagent/server/app.py: its
+  options, the AuthzInterceptor, the hub, the policy store and EffectivePolicies) on a
+  data directory whose CA is the bench's. Its registry gets N computers spread over 20
+  OUs and one GPO linked at the domain that assigns the seeded "Server (Request
+  Security)" policy; the change is an edit of that policy's content, written through
+  the server's policy store as PolicyAdmin writes it, so it runs the real incremental
+  update, the hub's fan-out and the fleet records.
 - Agents: --workers processes, each holding N/workers real gRPC streams, every one on
   its own TLS channel with its own certificate. A simulated agent says Hello, ACKs
-  every policy pushed, and records when it did.
+  every policy pushed, and records when it did. Connects are paced (--pace handshakes in
+  flight per worker): real agents do not all start in the same millisecond, and
+  unpaced, 10,000 handshakes at once overflow the accept queue and time out.
 - Figures: time until every agent is connected and in sync; the server's RSS before
   and after the agents connect (→ per agent); then one policy change touching all N
-  agents, and p50/p99/max from the change to each agent's ACK (and to the last ACK
-  the server recorded).
+  agents: p50/p99/max from the change to each agent sending its ACK, and to the hub
+  recording it (the fleet record's last_ack); the CPU the server and the agent workers
+  used meanwhile (they share the machine's cores) and the server's time in the GC.
+- BENCH_PYSPY_DIR=DIR: record py-spy profiles of the server and the first worker
+  around the change into DIR (py-spy must be installed in the venv).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import json
 import os
@@ -41,6 +49,26 @@ sys.path.insert(0, str(ROOT))
 def _raise_fd_limit() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread name of a process."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def _rss_kb(pid: int) -> int:
@@ -140,8 +168,18 @@ async def server_main(cache: Path, n: int, data_dir: Path) -> None:
     loop = asyncio.get_running_loop()
     t = time.monotonic()
     await server._in_store_thread(populate, server, names)
-    print(f"topology {n} computers in {BENCH_OUS} OUs, one domain GPO, built in {time.monotonic() - t:.1f} s", flush=True)
+    print(f"topology: {n} computers in {BENCH_OUS} OUs, one domain GPO, built in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
     effective, hub = server.effective, server.hub
+    gc_time = [0.0, 0, 0.0]  # CPU seconds in the cyclic GC since the change, collections, start of the current one
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_time[2] = time.thread_time()
+        else:
+            gc_time[0] += time.thread_time() - gc_time[2]
+            gc_time[1] += 1
+
+    gc.callbacks.append(on_gc)
     print(f"port {address.rsplit(':', 1)[1]}", flush=True)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -152,29 +190,39 @@ async def server_main(cache: Path, n: int, data_dir: Path) -> None:
             break
         if line == "change":
             generation += 1
+            gc_time[:2] = [0.0, 0]
             t0 = time.time()
             await server._in_store_thread(edit_policy, server, generation)
             t1 = time.time()
             print(f"changed {t0:.6f} {t1 - t0:.6f} {effective.version_of(names[0])}", flush=True)
         elif line == "status":
-            # When did the server record the last ACK of the current version?
-            records = [hub.registry.get(name) for name in names]
-            done = sum(1 for r in records if r.applied_version == effective.version_of(r.computer))
-            last = max((r.last_ack_unix_ms for r in records), default=0)
-            print(f"status {done} {last}", flush=True)
+            # When did the server record the ACKs of the current version? (Checked every 0.5 s, up to
+            # 30 s: the times are the hub's own records; checking often would only slow the hub down.)
+            deadline = time.monotonic() + 30
+            while True:
+                records = [hub.registry.get(name) for name in names]
+                acked = [r.last_ack_unix_ms for r in records if r.applied_version == effective.version_of(r.computer)]
+                if len(acked) == n or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            print(f"status {len(acked)} {gc_time[1]} {gc_time[0]:.3f} {json.dumps(acked)}", flush=True)
     await server.stop(0)
 
 
 # ---------------------------------------------------------------- agent worker process
 
 
-async def worker_main(cache: Path, address: str, start: int, count: int) -> None:
+async def worker_main(cache: Path, address: str, start: int, count: int, pace: int) -> None:
     import grpc
     from grpc import aio
 
     from policyagent.pb import dist_grpc, dist_pb
+    from policyagent.server.hub import GC_GEN0_THRESHOLD
 
     _raise_fd_limit()
+    # A worker holds thousands of streams, like the server: the same GC setting keeps it from spending
+    # the shared cores on collections (a real agent holds one stream and does not need it).
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
     agents = load_agents(cache, start, count)
     ca_pem = (cache / "pki" / "ca.crt").read_bytes()
     acks: dict[str, list[tuple[str, float]]] = {a["name"]: [] for a in agents}
@@ -183,11 +231,15 @@ async def worker_main(cache: Path, address: str, start: int, count: int) -> None
     channels = []
 
     errors: dict[str, int] = {}
+    # Pacing (a bench artefact: real agents start at different times and reconnect with jitter):
+    # at most `pace` handshakes + first syncs in flight per worker process.
+    connecting = asyncio.Semaphore(pace)
 
     async def one(agent: dict[str, str]) -> None:
         nonlocal in_sync
         creds = grpc.ssl_channel_credentials(ca_pem, agent["key"].encode(), agent["cert"].encode())
         first = True
+        await connecting.acquire()
         while True:  # like the agent: reconnect when the stream fails (e.g. a handshake storm at start)
             channel = aio.secure_channel(address, creds, options=[("grpc.keepalive_time_ms", 60000)])
             channels.append(channel)
@@ -202,6 +254,7 @@ async def worker_main(cache: Path, address: str, start: int, count: int) -> None
                     acks[agent["name"]].append((p.version, time.time()))
                     if first:
                         first = False
+                        connecting.release()
                         in_sync += 1
                         if in_sync == len(agents):
                             connected.set()
@@ -258,7 +311,7 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def run(n: int, workers: int, cache: Path) -> None:
+def run(n: int, workers: int, cache: Path, pace: int) -> None:
     import tempfile
 
     ensure_certs(cache, n)
@@ -276,20 +329,33 @@ def run(n: int, workers: int, cache: Path) -> None:
             started = time.monotonic()
             procs = [
                 subprocess.Popen(
-                    [*me, "--role", "worker", "--address", f"127.0.0.1:{port}", "--start", str(i * share), "--count", str(min(share, n - i * share))],
+                    [*me, "--role", "worker", "--address", f"127.0.0.1:{port}", "--start", str(i * share), "--count", str(min(share, n - i * share)), "--pace", str(pace)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 )
                 for i in range(workers)
                 if i * share < n
             ]
-            for proc in procs:
-                _readline(proc, "connected")
+            connect_cpu = {"server": _cpu_s(server.pid)}
+            retried = [_readline(proc, "connected").partition("retried: ")[2].rstrip(")") for proc in procs]
             connect_s = time.monotonic() - started
+            connect_cpu["server"] = tuple(a - b for a, b in zip(_cpu_s(server.pid), connect_cpu["server"], strict=True))
             time.sleep(1.0)  # let the fleet records flush
             rss_after = _rss_kb(server.pid)
             assert server.stdin is not None
+            spies = []
+            if os.environ.get("BENCH_PYSPY_DIR"):  # profile the change: server and the first worker
+                out = Path(os.environ["BENCH_PYSPY_DIR"])
+                spies = [
+                    subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-d", "6", "-r", "250",
+                                      "-f", "raw", "-o", str(out / f"{role}.txt"), "--nonblocking", *os.environ.get("BENCH_PYSPY_ARGS", "").split()],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for role, pid in (("server", server.pid), ("worker0", procs[0].pid))
+                ]
+                time.sleep(1.0)
             server.stdin.write("change\n")
             server.stdin.flush()
+            cpu_before = {pid: _cpu_s(pid) for pid in [server.pid, *(p.pid for p in procs)]}
+            threads_before = _thread_cpu_s(server.pid)
             _, t0_text, write_s, _version = _readline(server, "changed ").split()
             t0 = float(t0_text)
             latencies: list[float] = []
@@ -299,25 +365,34 @@ def run(n: int, workers: int, cache: Path) -> None:
                 proc.stdin.flush()
             for proc in procs:
                 latencies += [t - t0 for t in json.loads(_readline(proc, "acks ")[5:])]
-            server_done, last_ack_ms = 0, 0
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                server.stdin.write("status\n")
-                server.stdin.flush()
-                _, done, last = _readline(server, "status ").split()
-                server_done, last_ack_ms = int(done), int(last)
-                if server_done == n:
-                    break
-                time.sleep(0.1)
+            server.stdin.write("status\n")
+            server.stdin.flush()
+            _, done, collections, gc_s, acked = _readline(server, "status ").split(" ", 4)
+            server_done, at_hub = int(done), [ms / 1000 - t0 for ms in json.loads(acked)]
+            cpu = {pid: tuple(a - b for a, b in zip(_cpu_s(pid), before, strict=True)) for pid, before in cpu_before.items()}
+            workers_cpu = [sum(v[i] for k, v in cpu.items() if k != server.pid) for i in (0, 1)]
+            threads = {k: v - threads_before.get(k, 0.0) for k, v in _thread_cpu_s(server.pid).items()}
+            busiest = sorted(((v, k) for k, v in threads.items() if v >= 0.01), reverse=True)
             print(f"agents                      {n} ({len(procs)} worker processes, one mTLS channel + stream each)")
-            print(f"connect + first sync        {connect_s:.2f} s for all agents")
+            print(f"connect + first sync        {connect_s:.2f} s for all agents (pace: {pace} handshakes in flight per "
+                  f"worker; server CPU {connect_cpu['server'][0]:.1f} s user + {connect_cpu['server'][1]:.1f} s sys; "
+                  f"streams retried per worker: {', '.join(retried)})")
             print(f"server RSS                  {rss_before / 1024:.1f} MiB idle -> {rss_after / 1024:.1f} MiB connected "
                   f"= {(rss_after - rss_before) / n:.1f} KiB per agent")
             if latencies:
                 print(f"change -> agent ACK sent    p50 {statistics.median(latencies) * 1000:.0f} ms, "
                       f"p99 {_pct(latencies, 99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms ({len(latencies)} ACKs)")
-            print(f"change -> last ACK at hub   {(last_ack_ms / 1000 - t0) * 1000:.0f} ms ({server_done}/{n} recorded in sync)")
-            print(f"  (policy store write + effective-policy update: {float(write_s) * 1000:.0f} ms of that)")
+            if at_hub:
+                print(f"change -> ACK recorded      p50 {statistics.median(at_hub) * 1000:.0f} ms, "
+                      f"p99 {_pct(at_hub, 99) * 1000:.0f} ms, max {max(at_hub) * 1000:.0f} ms "
+                      f"({server_done}/{n} recorded in sync at the hub)")
+            print(f"  policy store write + effective-policy update: {float(write_s) * 1000:.0f} ms; "
+                  f"server cyclic GC: {collections} collections, {float(gc_s) * 1000:.0f} ms CPU")
+            print(f"  CPU from change to last ACK recorded: server {cpu[server.pid][0]:.2f} s user + {cpu[server.pid][1]:.2f} s sys, "
+                  f"agent workers {workers_cpu[0]:.2f} s user + {workers_cpu[1]:.2f} s sys")
+            print("  server CPU by thread: " + ", ".join(f"{k} {v:.2f} s" for v, k in busiest))
+            for spy in spies:
+                spy.wait(timeout=30)
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("quit\n")
@@ -347,15 +422,16 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--data-dir", default="")
+    parser.add_argument("--pace", type=int, default=32, help="handshakes in flight per worker process")
     args = parser.parse_args()
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if args.role == "server":
         asyncio.run(server_main(cache, args.agents, Path(args.data_dir)))
     elif args.role == "worker":
-        asyncio.run(worker_main(cache, args.address, args.start, args.count))
+        asyncio.run(worker_main(cache, args.address, args.start, args.count, args.pace))
     else:
-        run(args.agents, args.workers, cache)
+        run(args.agents, args.workers, cache, args.pace)
 
 
 if __name__ == "__main__":

@@ -295,3 +295,39 @@ def test_local_store_applies_when_domain_assigns_nothing(tmp_path: Path, pki: Pk
             await hub.stop()
 
     run(main)
+
+
+def test_idle_stream_gets_keepalives_within_the_interval(tmp_path: Path, pki: Pki) -> None:
+    """One hub-wide ticker, no timer per stream: an idle stream still hears from the server every keepalive_s."""
+
+    async def main() -> None:
+        eff = FakeEffective()
+        eff.set(["pc1"], simple_policy("Base"))
+        hub = HubServer(tmp_path, eff, pki, keepalive_s=0.4)
+        address = await hub.start()
+        state, _ = pki.agent_dir("pc1")
+        creds = grpc.ssl_channel_credentials(
+            (state / "ca.crt").read_bytes(), (state / "host.key").read_bytes(), (state / "host.crt").read_bytes()
+        )
+        try:
+            async with aio.secure_channel(address, creds) as channel:
+                call = dist_grpc.DistributionStub(channel).Stream()
+                await call.write(dist_pb.AgentMessage(hello=dist_pb.Hello()))
+                first = await call.read()
+                assert first.policy.version == eff.version_of("pc1")
+                await call.write(dist_pb.AgentMessage(ack=dist_pb.Ack(version=first.policy.version, nonce=first.policy.nonce)))
+                loop = asyncio.get_running_loop()
+                last, gaps = loop.time(), []
+                for _ in range(4):
+                    message = await asyncio.wait_for(call.read(), 2.0)
+                    assert message.WhichOneof("msg") == "keepalive" and message.keepalive.server_time_unix_ms > 0
+                    now = loop.time()
+                    gaps.append(now - last)
+                    last = now
+                assert max(gaps) < 1.0  # about the interval (0.4 s), with slack for a loaded machine
+                assert sum(gaps) / len(gaps) > 0.2  # not on every tick (0.1 s)
+                call.cancel()
+        finally:
+            await hub.stop()
+
+    run(main)

@@ -275,3 +275,26 @@ def test_callback_errors_do_not_break_writes(world: World) -> None:
     unsubscribe = world.effective.subscribe(boom)
     assert world.put(Gpo("", "Web GPO", policy_id=world.ids["PC"]), GpoLink("Web GPO", Scope.ou(WEB))) == WEB_HOSTS
     unsubscribe()
+
+
+def test_encoded_parts_make_the_same_bytes_as_the_message(world: World) -> None:
+    """What the hub sends (pre-serialized parts + version + nonce) is the message get() describes."""
+    from policyagent.pb import dist_pb
+    from policyagent.server.hub import policy_frame, serialize_server_message
+
+    world.edit("PA", Kind.POLICY, description="x" * 300)  # a content longer than one varint byte
+    for computer in sorted(ALL):
+        version, parts = world.effective.encoded(computer)
+        message = world.effective.get(computer)
+        message.nonce = "0123456789abcdef"
+        assert version == message.version
+        expected = dist_pb.ServerMessage(policy=message)
+        frame = policy_frame(version, message.nonce, parts)
+        assert frame == expected.SerializeToString(deterministic=True)
+        assert dist_pb.ServerMessage.FromString(frame) == expected
+        assert serialize_server_message(frame) is frame
+    # A content edit shares one serialized content among the computers it is in force on.
+    contents = {id(world.effective.encoded(c)[1][1]) for c in sorted(DOMAIN_HOSTS - SRV_HOSTS - WEB_HOSTS)}
+    assert len(contents) == 1
+    with pytest.raises(NotFoundError):
+        world.effective.encoded("nobody")

@@ -324,7 +324,12 @@ class AgentDaemon:
             except TimeoutError:
                 self._execute(self.session.handle_timers(loop.time()))
                 continue
+            on_cache = self.session.running_on_cache
             self._execute(self.session.handle(event))
+            if self.session.running_on_cache and not on_cache:
+                # The logs say it too (docs/operations.md): "running on cached policy since T; ...".
+                status = self.status()
+                _log.warning("%s", status.summary, extra={"version": status.applied_version})
 
     def post(self, event: s.Event) -> None:
         self._events.put_nowait(event)

@@ -46,7 +46,13 @@ from policyagent.pki.server import ServerPki
 from policyagent.server.admin import SERVICE_NAME, PolicyAdminServicer, add_to_server
 from policyagent.server.assignment import SERVICE_NAME as ASSIGNMENT_SERVICE
 from policyagent.server.assignment import AssignmentParts, add_assignment_to_server, open_assignment
-from policyagent.server.hub import DISTRIBUTION_SERVICE, FLEET_SERVICE, Hub, attach_distribution
+from policyagent.server.hub import (
+    DISTRIBUTION_SERVICE,
+    FLEET_SERVICE,
+    SERVER_CONNECTION_OPTIONS,
+    Hub,
+    attach_distribution,
+)
 from policyagent.store.base import PolicyStore
 from policyagent.store.sqlite import SqliteStore
 
@@ -347,7 +353,7 @@ class PolicyServer:
             # not silently share the admins' connections with this one.
             server = aio.server(
                 interceptors=[AuthzInterceptor(pki.revocations)],
-                options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS],
+                options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS, *SERVER_CONNECTION_OPTIONS],
             )
             add_to_server(PolicyAdminServicer(self._store, self._executor), server)
             add_assignment_to_server(self.assignment, server, self._executor)

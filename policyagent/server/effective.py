@@ -6,6 +6,7 @@ API for the distribution hub (stable):
     unsubscribe = effective.subscribe(callback)      # callback(frozenset[str]) after each committed write
     effective.version_of("host1.corp.example")      # -> str, the content hash
     effective.get("host1.corp.example")             # -> dist_pb.EffectivePolicy (a copy, nonce "")
+    effective.encoded("host1.corp.example")         # -> (version, parts): the same message serialized
     effective.computers()                            # -> frozenset[str], every registered computer
 
 * Computer names are the registry's canonical names (lower-case); the lookups
@@ -314,6 +315,20 @@ class EffectivePolicies:
         message.version = state.version
         return message
 
+    def encoded(self, computer: str) -> tuple[str, tuple[bytes, ...]]:
+        """(version, parts): the computer's EffectivePolicy without version and nonce, serialized, as
+        byte strings whose concatenation is the message (its head, its policy's content, its RSoP).
+
+        What the distribution hub sends: nothing is copied or parsed, and the content part is the
+        one bytes object shared by every computer that policy is in force on. NotFoundError as get().
+        """
+        with self._lock:
+            state = self._state_of(computer)
+            content = self._content.get(state.resolution.policy_id) if state.resolution.policy_id else None
+            if content is None:
+                return state.version, (state.head, state.tail)
+            return state.version, (state.head, content.data, state.tail)
+
     def resolution(self, computer: str) -> Resolution:
         """The RSoP of a computer as it stands."""
         with self._lock:
@@ -522,7 +537,12 @@ class EffectivePolicies:
             membership=computer.membership,
             source=resolution.source if resolution.policy_id in self._content else "none",
         ).SerializeToString(deterministic=True)
-        tail = dist_pb.EffectivePolicy(rsop=rsop_steps_to_proto(resolution.steps)).SerializeToString(deterministic=True)
+        if old is not None and resolution is old.resolution:
+            tail = old.tail  # a content edit: the RSoP is what it was (one policy, 10,000 computers)
+        else:
+            tail = dist_pb.EffectivePolicy(rsop=rsop_steps_to_proto(resolution.steps)).SerializeToString(
+                deterministic=True
+            )
         content = self._content.get(resolution.policy_id) if resolution.policy_id else None
         version = hashlib.sha256(head + (content.data if content else b"") + tail).hexdigest()
         if old is not None:

@@ -12,6 +12,7 @@ a stale "last seen", which the agents' next Hello corrects.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS agents (
 """
 
 
-@dataclass
+@dataclass(slots=True)  # one per computer: no per-instance __dict__
 class AgentRecord:
     """What the server knows about one agent (mutable: the hub updates it in place)."""
 
@@ -65,6 +66,7 @@ class AgentRecord:
 
 
 _COLUMNS = [f.name for f in fields(AgentRecord)]
+_ROW = operator.attrgetter(*_COLUMNS)  # record → row tuple, in C (flush holds the GIL while it builds rows)
 
 
 class FleetRegistry:
@@ -113,11 +115,8 @@ class FleetRegistry:
         """Write every changed record in one transaction; returns how many (worker thread)."""
         with self._lock:
             names, self._dirty = self._dirty, set()
-            rows = []
-            for name in names:
-                record = self.records.get(name)
-                if record is not None:
-                    rows.append(tuple(getattr(record, c) for c in _COLUMNS))
+            records = self.records
+            rows = [_ROW(records[name]) for name in names if name in records]
         if not rows:
             return 0
         placeholders = ", ".join("?" for _ in _COLUMNS)
