@@ -42,12 +42,11 @@ from policyagent.agent.cache import PolicyCache
 from policyagent.agent.enforce import EnforceError, Enforcer, HostFacts
 from policyagent.agent.enforce.recordonly import RecordOnlyEnforcer
 from policyagent.model.defaults import restore_defaults_plan
-from policyagent.model.objects import Kind
 from policyagent.model.writes import Mutation, PlanFn
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, dist_grpc, dist_pb, pb
 from policyagent.server.admin import PolicyAdminServicer, mask_secrets
 from policyagent.server.admin import add_to_server as add_admin_to_server
-from policyagent.store.base import ChangeRecord, PolicyStore, WriteResult
+from policyagent.store.base import DelegatingPolicyStore, PolicyStore, WriteResult
 from policyagent.store.sqlite import SqliteStore
 
 _log = logging.getLogger("policyagent.agent")
@@ -135,21 +134,12 @@ def assigned_of(store: PolicyStore, source: str, computer: str) -> dist_pb.Effec
     return None
 
 
-class NotifyingStore(PolicyStore):
+class NotifyingStore(DelegatingPolicyStore):
     """A PolicyStore that calls `on_write()` after every committed write (the agent re-chooses)."""
 
     def __init__(self, inner: PolicyStore, on_write: Callable[[], None]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._on_write = on_write
-
-    def snapshot(self) -> tuple[pb.StoreContents, int]:
-        return self.inner.snapshot()
-
-    def get(self, kind: Kind, object_id: str) -> Any:
-        return self.inner.get(kind, object_id)
-
-    def find(self, kind: Kind, name: str) -> Any:
-        return self.inner.find(kind, name)
 
     def write(
         self, mutations: Sequence[Mutation] | PlanFn, *, principal: str, context: str = "", dry_run: bool = False
@@ -158,18 +148,6 @@ class NotifyingStore(PolicyStore):
         if not dry_run:
             self._on_write()
         return result
-
-    def initialize(self, seed: PlanFn, *, principal: str) -> bool:
-        return self.inner.initialize(seed, principal=principal)
-
-    def changes(self, after_seq: int = 0, limit: int = 1000) -> list[ChangeRecord]:
-        return self.inner.changes(after_seq, limit)
-
-    def revision(self) -> int:
-        return self.inner.revision()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def load_credentials(config: AgentConfig) -> grpc.ChannelCredentials:

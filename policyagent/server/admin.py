@@ -269,6 +269,47 @@ def principal_of(context: aio.ServicerContext[Any, Any]) -> str:
     return f"{peer.role}:{peer.name}/{user}"
 
 
+async def run_logged(
+    context: aio.ServicerContext[Any, Any],
+    method: str,
+    executor: Executor,
+    log: logging.Logger,
+    work: Callable[..., T],
+    *args: Any,
+) -> T:
+    """Run `work(*args)` in the store thread; errors become statuses; one log line per call.
+
+    Shared by the admin servicers: store calls block, so they run on the store's own
+    thread, in order, and the event loop never waits on disk.
+    """
+    started = time.monotonic()
+    principal = principal_of(context)
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(executor, work, *args)
+    except Exception as exc:
+        # Expected refusals (validation, conflict, ...) are routine: info, not error.
+        log.info(
+            "rpc failed",
+            extra={
+                "method": method,
+                "principal": principal,
+                "code": error_code_of(exc),
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        await abort_with_error(context, exc)
+    log.info(
+        "rpc ok",
+        extra={
+            "method": method,
+            "principal": principal,
+            "code": "ok",
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        },
+    )
+    return result
+
+
 # ------------------------------------------------------------ servicer
 
 
@@ -290,34 +331,7 @@ class PolicyAdminServicer(admin_grpc.PolicyAdminServicer):
         work: Callable[..., T],
         *args: Any,
     ) -> T:
-        """Run `work(*args)` in the store thread; errors become statuses; one log line per call."""
-        started = time.monotonic()
-        principal = principal_of(context)
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._executor, work, *args)
-        except Exception as exc:
-            # Expected refusals (validation, conflict, ...) are routine: info, not error.
-            _log.info(
-                "rpc failed",
-                extra={
-                    "method": method,
-                    "principal": principal,
-                    "code": error_code_of(exc),
-                    "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
-            await abort_with_error(context, exc)
-        _log.info(
-            "rpc ok",
-            extra={
-                "method": method,
-                "principal": principal,
-                "code": "ok",
-                "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            },
-        )
-        return result
+        return await run_logged(context, method, self._executor, _log, work, *args)
 
     async def GetStore(
         self, request: admin_pb.GetStoreRequest, context: aio.ServicerContext[Any, Any]

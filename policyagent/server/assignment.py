@@ -19,9 +19,7 @@ not listed as public or agent-only is admin-only).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ from policyagent.model.assignment import (
 from policyagent.model.errors import NotFoundError, ValidationError, Violation
 from policyagent.model.objects import Kind, normalize_id
 from policyagent.pb import assign_grpc, assign_pb, dist_pb
-from policyagent.server.admin import error_code_of, principal_of
+from policyagent.server.admin import principal_of, run_logged
 from policyagent.server.effective import (
     EffectivePolicies,
     ObservedPolicyStore,
@@ -52,7 +50,6 @@ from policyagent.server.effective import (
     observe,
     rsop_steps_to_proto,
 )
-from policyagent.server.errors import abort_with_error
 from policyagent.store.base import PolicyStore
 from policyagent.store.topology import (
     COMPUTER,
@@ -352,31 +349,7 @@ class AssignmentAdminServicer(assign_grpc.AssignmentAdminServicer):
         self._executor = executor
 
     async def _call(self, context: aio.ServicerContext[Any, Any], method: str, work: Callable[..., T], *args: Any) -> T:
-        started = time.monotonic()
-        principal = principal_of(context)
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
-        except Exception as exc:
-            _log.info(
-                "rpc failed",
-                extra={
-                    "method": method,
-                    "principal": principal,
-                    "code": error_code_of(exc),
-                    "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
-            await abort_with_error(context, exc)
-        _log.info(
-            "rpc ok",
-            extra={
-                "method": method,
-                "principal": principal,
-                "code": "ok",
-                "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            },
-        )
-        return result
+        return await run_logged(context, method, self._executor, _log, work, *args)
 
     async def GetTopology(
         self, request: assign_pb.GetTopologyRequest, context: aio.ServicerContext[Any, Any]

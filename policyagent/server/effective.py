@@ -66,11 +66,11 @@ from policyagent.model.assignment import (
     resolve,
 )
 from policyagent.model.errors import InUseError, NotFoundError
-from policyagent.model.objects import Kind, StoreObject
+from policyagent.model.objects import Kind
 from policyagent.model.view import StoreView
 from policyagent.model.writes import Delete, Mutation, PlanFn
 from policyagent.pb import dist_pb, pb
-from policyagent.store.base import ChangeRecord, PolicyStore, WriteResult
+from policyagent.store.base import DelegatingPolicyStore, PolicyStore, WriteResult
 from policyagent.store.topology import (
     ObjectChange,
     TopologyChangeRecord,
@@ -577,7 +577,7 @@ def version_of_message(message: dist_pb.EffectivePolicy) -> str:
 # ------------------------------------------------------------------ observed stores
 
 
-class ObservedPolicyStore(PolicyStore):
+class ObservedPolicyStore(DelegatingPolicyStore):
     """The server's policy store: every committed write also updates EffectivePolicies.
 
     It also refuses to delete a policy a GPO assigns (InUseError naming the GPO):
@@ -587,18 +587,9 @@ class ObservedPolicyStore(PolicyStore):
     """
 
     def __init__(self, inner: PolicyStore, lock: threading.RLock) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._lock = lock
         self.effective: EffectivePolicies | None = None
-
-    def snapshot(self) -> tuple[pb.StoreContents, int]:
-        return self.inner.snapshot()
-
-    def get(self, kind: Kind, object_id: str) -> StoreObject | None:
-        return self.inner.get(kind, object_id)
-
-    def find(self, kind: Kind, name: str) -> StoreObject | None:
-        return self.inner.find(kind, name)
 
     def _guarded(self, mutations: Sequence[Mutation] | PlanFn) -> Sequence[Mutation] | PlanFn:
         effective = self.effective
@@ -645,15 +636,6 @@ class ObservedPolicyStore(PolicyStore):
         # Runs before EffectivePolicies exists (it reads the seeded store).
         with self._lock:
             return self.inner.initialize(seed, principal=principal)
-
-    def changes(self, after_seq: int = 0, limit: int = 1000) -> list[ChangeRecord]:
-        return self.inner.changes(after_seq, limit)
-
-    def revision(self) -> int:
-        return self.inner.revision()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class ObservedTopologyStore(TopologyStore):

@@ -18,7 +18,7 @@ from policyagent.model.objects import Kind, StoreObject
 from policyagent.model.writes import Mutation, PlanFn, PlannedDelete
 from policyagent.pb import pb
 
-__all__ = ["ChangeRecord", "PlanFn", "PolicyStore", "WriteResult"]
+__all__ = ["ChangeRecord", "DelegatingPolicyStore", "PlanFn", "PolicyStore", "WriteResult"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,41 @@ class PolicyStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+class DelegatingPolicyStore(PolicyStore):
+    """A PolicyStore that forwards every call to `inner`; wrappers override what they add to."""
+
+    def __init__(self, inner: PolicyStore) -> None:
+        self.inner = inner
+
+    def snapshot(self) -> tuple[pb.StoreContents, int]:
+        return self.inner.snapshot()
+
+    def get(self, kind: Kind, object_id: str) -> StoreObject | None:
+        return self.inner.get(kind, object_id)
+
+    def find(self, kind: Kind, name: str) -> StoreObject | None:
+        return self.inner.find(kind, name)
+
+    def write(
+        self,
+        mutations: Sequence[Mutation] | PlanFn,
+        *,
+        principal: str,
+        context: str = "",
+        dry_run: bool = False,
+    ) -> WriteResult:
+        return self.inner.write(mutations, principal=principal, context=context, dry_run=dry_run)
+
+    def initialize(self, seed: PlanFn, *, principal: str) -> bool:
+        return self.inner.initialize(seed, principal=principal)
+
+    def changes(self, after_seq: int = 0, limit: int = 1000) -> list[ChangeRecord]:
+        return self.inner.changes(after_seq, limit)
+
+    def revision(self) -> int:
+        return self.inner.revision()
+
+    def close(self) -> None:
+        self.inner.close()
