@@ -311,7 +311,7 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def run(n: int, workers: int, cache: Path, pace: int) -> None:
+def run(n: int, workers: int, cache: Path, pace: int, worker_nice: int = 0) -> None:
     import tempfile
 
     ensure_certs(cache, n)
@@ -329,7 +329,7 @@ def run(n: int, workers: int, cache: Path, pace: int) -> None:
             started = time.monotonic()
             procs = [
                 subprocess.Popen(
-                    [*me, "--role", "worker", "--address", f"127.0.0.1:{port}", "--start", str(i * share), "--count", str(min(share, n - i * share)), "--pace", str(pace)],
+                    [*me, "--role", "worker", "--address", f"127.0.0.1:{port}", "--start", str(i * share), "--count", str(min(share, n - i * share)), "--pace", str(pace), "--worker-nice", str(worker_nice)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 )
                 for i in range(workers)
@@ -423,15 +423,24 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--pace", type=int, default=32, help="handshakes in flight per worker process")
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        help="niceness of the simulated-agent processes: real agents run on other machines; with e.g. 19 "
+        "they take only the CPU the server leaves, so the server's figures are less skewed by the simulation",
+    )
     args = parser.parse_args()
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if args.role == "server":
         asyncio.run(server_main(cache, args.agents, Path(args.data_dir)))
     elif args.role == "worker":
+        if args.worker_nice:
+            os.nice(args.worker_nice)
         asyncio.run(worker_main(cache, args.address, args.start, args.count, args.pace))
     else:
-        run(args.agents, args.workers, cache, args.pace)
+        run(args.agents, args.workers, cache, args.pace, args.worker_nice)
 
 
 if __name__ == "__main__":
