@@ -407,7 +407,7 @@ class Fleet:
         stub = fleet_grpc.FleetStub(self.admin_channel())
         return stub.Status(fleet_pb.FleetStatusRequest(computers=list(computers)), timeout=RPC_TIMEOUT_S)
 
-    def status(self) -> dict[str, fleet_pb.AgentStatus]:
+    def status(self) -> dict[str, fleet_pb.FleetAgent]:
         return {a.computer: a for a in self.fleet_status().agents}
 
     def assignment(self) -> assign_grpc.AssignmentAdminStub:
@@ -481,8 +481,8 @@ class Fleet:
         )
         return set(response.changed_computers)
 
-    def wait_all_in_sync(self, what: str, timeout: float = CONVERGE_S) -> dict[str, fleet_pb.AgentStatus]:
-        def check() -> dict[str, fleet_pb.AgentStatus]:
+    def wait_all_in_sync(self, what: str, timeout: float = CONVERGE_S) -> dict[str, fleet_pb.FleetAgent]:
+        def check() -> dict[str, fleet_pb.FleetAgent]:
             status = self.status()
             missing = [n for n in self.live if n not in status]
             assert not missing, f"not in the fleet view: {missing}"
@@ -492,7 +492,7 @@ class Fleet:
 
         return wait_until(check, what, timeout)
 
-    def check_local(self, expected_policy: dict[str, str], status: dict[str, fleet_pb.AgentStatus]) -> None:
+    def check_local(self, expected_policy: dict[str, str], status: dict[str, fleet_pb.FleetAgent]) -> None:
         """Each agent's own view (agent.sock): in sync, on the version the server wants, the right policy."""
         for name, policy in expected_policy.items():
             local = self.agents[name].status()
@@ -512,7 +512,7 @@ class Fleet:
         self.server.close()
 
 
-def _state_word(agent: fleet_pb.AgentStatus) -> str:
+def _state_word(agent: fleet_pb.FleetAgent) -> str:
     return fleet_pb.AgentState.Name(agent.state).removeprefix("AGENT_STATE_").lower()
 
 
@@ -558,8 +558,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 @dataclass
 class Rollout:
-    before: dict[str, fleet_pb.AgentStatus]
-    after: dict[str, fleet_pb.AgentStatus]
+    before: dict[str, fleet_pb.FleetAgent]
+    after: dict[str, fleet_pb.FleetAgent]
     seconds: float
     output: str
 
@@ -590,7 +590,7 @@ def expect_rollout(
         assert count == len(affected), f"the command changed {count} computer(s), expected {sorted(affected)}: {output}"
         assert shown <= affected, f"the command changed {sorted(shown - affected)} too: {output}"
 
-    def converged() -> dict[str, fleet_pb.AgentStatus]:
+    def converged() -> dict[str, fleet_pb.FleetAgent]:
         now = fleet.status()
         waiting = []
         for name in fleet.live:
@@ -975,9 +975,10 @@ def test_a_revoked_agent_is_cut_off_at_once(fleet: Fleet) -> None:
     assert "the running server" in revoked.stdout
     fleet.revoked.add("rev01")
 
-    def cut_off() -> fleet_pb.AgentStatus:
+    def cut_off() -> fleet_pb.FleetAgent:
         agent = fleet.status()["rev01"]
-        assert not agent.online and agent.state == fleet_pb.AGENT_STATE_OFFLINE, _state_word(agent)
+        assert not agent.online and agent.state == fleet_pb.AGENT_STATE_REVOKED, _state_word(agent)
+        assert agent.revoked_unix_ms > 0
         local = victim.status()
         assert local.connection != "in sync" and "revoked" in local.last_error, local.summary
         return agent

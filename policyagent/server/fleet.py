@@ -39,9 +39,12 @@ CREATE TABLE IF NOT EXISTS agents (
     cache_since_unix_ms INTEGER NOT NULL DEFAULT 0,
     capabilities BLOB NOT NULL DEFAULT x'',
     agent_version TEXT NOT NULL DEFAULT '',
-    peer TEXT NOT NULL DEFAULT ''
+    peer TEXT NOT NULL DEFAULT '',
+    revoked_unix_ms INTEGER NOT NULL DEFAULT 0
 )
 """
+# Columns added after the first release of the table: (name, definition).
+_ADDED_COLUMNS = [("revoked_unix_ms", "INTEGER NOT NULL DEFAULT 0")]
 
 
 @dataclass(slots=True)  # one per computer: no per-instance __dict__
@@ -63,6 +66,7 @@ class AgentRecord:
     capabilities: bytes = b""
     agent_version: str = ""
     peer: str = ""
+    revoked_unix_ms: int = 0  # its host certificate was revoked then; cleared by a Hello with a new certificate
 
 
 _COLUMNS = [f.name for f in fields(AgentRecord)]
@@ -82,6 +86,10 @@ class FleetRegistry:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(_SCHEMA)
+        have = {str(row[1]) for row in self._conn.execute("PRAGMA table_info(agents)")}
+        for name, definition in _ADDED_COLUMNS:
+            if name not in have:
+                self._conn.execute(f"ALTER TABLE agents ADD COLUMN {name} {definition}")
         self._lock = threading.Lock()
         self._dirty: set[str] = set()
         self.records: dict[str, AgentRecord] = {}
@@ -141,7 +149,9 @@ class FleetRegistry:
 def agent_state(
     record: AgentRecord, desired: str, now_ms: int, stale_after_ms: int
 ) -> fleet_pb.AgentState.ValueType:
-    """The one word for an agent; the first that holds: offline, stale, rejected, pending, in sync."""
+    """The one word for an agent; the first that holds: revoked, offline, stale, rejected, pending, in sync."""
+    if record.revoked_unix_ms and not record.online:
+        return fleet_pb.AGENT_STATE_REVOKED
     if not record.online:
         return fleet_pb.AGENT_STATE_OFFLINE
     if now_ms - record.last_seen_unix_ms > stale_after_ms:
@@ -167,6 +177,7 @@ def fleet_status(
         fleet_pb.AGENT_STATE_REJECTED: 0,
         fleet_pb.AGENT_STATE_STALE: 0,
         fleet_pb.AGENT_STATE_OFFLINE: 0,
+        fleet_pb.AGENT_STATE_REVOKED: 0,
     }
     for record in sorted(records, key=lambda r: r.computer):
         want = desired.get(record.computer, record.desired_version)
@@ -188,6 +199,7 @@ def fleet_status(
             cache_since_unix_ms=record.cache_since_unix_ms,
             agent_version=record.agent_version,
             peer=record.peer,
+            revoked_unix_ms=record.revoked_unix_ms,
         )
         if record.capabilities:
             agent.capabilities.ParseFromString(record.capabilities)
@@ -199,6 +211,7 @@ def fleet_status(
     out.rejected = counts[fleet_pb.AGENT_STATE_REJECTED]
     out.stale = counts[fleet_pb.AGENT_STATE_STALE]
     out.offline = counts[fleet_pb.AGENT_STATE_OFFLINE]
+    out.revoked = counts[fleet_pb.AGENT_STATE_REVOKED]
     return out
 
 

@@ -22,6 +22,7 @@ _STATE_WORDS = {
     fleet_pb.AGENT_STATE_REJECTED: "rejected",
     fleet_pb.AGENT_STATE_STALE: "stale",
     fleet_pb.AGENT_STATE_OFFLINE: "offline",
+    fleet_pb.AGENT_STATE_REVOKED: "revoked",
 }
 
 
@@ -32,7 +33,7 @@ def add_fleet(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "status",
         help="who is on which version, who rejected it and why, who is stale or offline",
         description=(
-            "Every agent the server knows: its state (in sync, pending, rejected, stale, offline), the "
+            "Every agent the server knows: its state (in sync, pending, rejected, stale, offline, revoked), the "
             "desired and applied versions, the last NACK and its reason, last seen, running on cache. "
             "--watch follows a rollout with a progress line until no agent is pending."
         ),
@@ -66,6 +67,7 @@ def progress_line(status: fleet_pb.FleetStatus) -> str:
     return (
         f"rollout: {status.in_sync} of {status.total} on the desired version "
         f"({status.pending} pending, {status.rejected} rejected, {status.stale} stale, {status.offline} offline"
+        + (f", {status.revoked} revoked" if status.revoked else "")
         + (f"; {status.on_cache} running on cached policy" if status.on_cache else "")
         + ")"
     )

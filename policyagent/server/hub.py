@@ -418,6 +418,8 @@ class Hub:
         )
 
     def _record_hello(self, record: AgentRecord, hello: dist_pb.Hello, now: int) -> None:
+        # Only a valid (unrevoked) certificate gets this far: a re-enrolled agent is no longer revoked.
+        record.revoked_unix_ms = 0
         record.last_seen_unix_ms = now
         record.applied_version = hello.applied_version
         record.running_on_cache = hello.running_on_cache
@@ -490,7 +492,15 @@ class Hub:
     # ---------------------------------------------------------------- revocation
 
     def revoke(self, *, name: str = "", serial: int = 0) -> bool:
-        """Close the stream of the agent with this certificate serial (or computer name) at once."""
+        """Close the stream of the agent with this certificate serial (or computer name) at once.
+
+        The fleet view shows the computer as revoked (`name`, when given, names its record).
+        """
+        if name:
+            record = self.registry.get(name)
+            record.revoked_unix_ms = _now_ms()
+            self.registry.touch(name)
+            self._status_touched()
         hit = False
         for conn in list(self._conns.values()):
             if (serial and conn.serial == serial) or (name and not serial and conn.computer == name):
@@ -686,7 +696,9 @@ def attach_distribution(
 
     def on_revoked(peer: Any) -> None:
         if getattr(peer, "role", "") == "agent":
-            hub.revoke(serial=peer.serial)
+            from policyagent.model.assignment import canonical_computer_name
+
+            hub.revoke(name=canonical_computer_name(peer.name), serial=peer.serial)
 
     revocations.subscribe(on_revoked)
     return hub

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from policyagent._proto.policyagent.v1 import distribution_pb2 as policyagent_dot_v1_dot_distribution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apolicyagent/v1/fleet.proto\x12\x0epolicyagent.v1\x1a!policyagent/v1/distribution.proto\"\'\n\x12\x46leetStatusRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\"\xc1\x03\n\nFleetAgent\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.policyagent.v1.AgentState\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65sired_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x05 \x01(\t\x12\x19\n\x11last_nack_version\x18\x06 \x01(\t\x12\x18\n\x10last_nack_reason\x18\x07 \x01(\t\x12\x19\n\x11last_nack_unix_ms\x18\x08 \x01(\x03\x12\x18\n\x10last_ack_unix_ms\x18\t \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\n \x01(\x03\x12\x1f\n\x17\x63onnected_since_unix_ms\x18\x0b \x01(\x03\x12\x18\n\x10running_on_cache\x18\x0c \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\r \x01(\x03\x12\x32\n\x0c\x63\x61pabilities\x18\x0e \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12\x0c\n\x04peer\x18\x10 \x01(\t\"\xcb\x01\n\x0b\x46leetStatus\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12*\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x1a.policyagent.v1.FleetAgent\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0f\n\x07in_sync\x18\x04 \x01(\r\x12\x0f\n\x07pending\x18\x05 \x01(\r\x12\x10\n\x08rejected\x18\x06 \x01(\r\x12\r\n\x05stale\x18\x07 \x01(\r\x12\x0f\n\x07offline\x18\x08 \x01(\r\x12\x10\n\x08on_cache\x18\t \x01(\r*\xa5\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x01\x12\x15\n\x11\x41GENT_STATE_STALE\x10\x02\x12\x18\n\x14\x41GENT_STATE_REJECTED\x10\x03\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x04\x12\x17\n\x13\x41GENT_STATE_IN_SYNC\x10\x05\x32\x9e\x01\n\x05\x46leet\x12I\n\x06Status\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus\x12J\n\x05Watch\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apolicyagent/v1/fleet.proto\x12\x0epolicyagent.v1\x1a!policyagent/v1/distribution.proto\"\'\n\x12\x46leetStatusRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\"\xda\x03\n\nFleetAgent\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.policyagent.v1.AgentState\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65sired_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x05 \x01(\t\x12\x19\n\x11last_nack_version\x18\x06 \x01(\t\x12\x18\n\x10last_nack_reason\x18\x07 \x01(\t\x12\x19\n\x11last_nack_unix_ms\x18\x08 \x01(\x03\x12\x18\n\x10last_ack_unix_ms\x18\t \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\n \x01(\x03\x12\x1f\n\x17\x63onnected_since_unix_ms\x18\x0b \x01(\x03\x12\x18\n\x10running_on_cache\x18\x0c \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\r \x01(\x03\x12\x32\n\x0c\x63\x61pabilities\x18\x0e \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12\x0c\n\x04peer\x18\x10 \x01(\t\x12\x17\n\x0frevoked_unix_ms\x18\x11 \x01(\x03\"\xdc\x01\n\x0b\x46leetStatus\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12*\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x1a.policyagent.v1.FleetAgent\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0f\n\x07in_sync\x18\x04 \x01(\r\x12\x0f\n\x07pending\x18\x05 \x01(\r\x12\x10\n\x08rejected\x18\x06 \x01(\r\x12\r\n\x05stale\x18\x07 \x01(\r\x12\x0f\n\x07offline\x18\x08 \x01(\r\x12\x10\n\x08on_cache\x18\t \x01(\r\x12\x0f\n\x07revoked\x18\n \x01(\r*\xbe\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x01\x12\x15\n\x11\x41GENT_STATE_STALE\x10\x02\x12\x18\n\x14\x41GENT_STATE_REJECTED\x10\x03\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x04\x12\x17\n\x13\x41GENT_STATE_IN_SYNC\x10\x05\x12\x17\n\x13\x41GENT_STATE_REVOKED\x10\x06\x32\x9e\x01\n\x05\x46leet\x12I\n\x06Status\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus\x12J\n\x05Watch\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policyagent.v1.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTSTATE']._serialized_start=781
-  _globals['_AGENTSTATE']._serialized_end=946
+  _globals['_AGENTSTATE']._serialized_start=823
+  _globals['_AGENTSTATE']._serialized_end=1013
   _globals['_FLEETSTATUSREQUEST']._serialized_start=81
   _globals['_FLEETSTATUSREQUEST']._serialized_end=120
   _globals['_FLEETAGENT']._serialized_start=123
-  _globals['_FLEETAGENT']._serialized_end=572
-  _globals['_FLEETSTATUS']._serialized_start=575
-  _globals['_FLEETSTATUS']._serialized_end=778
-  _globals['_FLEET']._serialized_start=949
-  _globals['_FLEET']._serialized_end=1107
+  _globals['_FLEETAGENT']._serialized_end=597
+  _globals['_FLEETSTATUS']._serialized_start=600
+  _globals['_FLEETSTATUS']._serialized_end=820
+  _globals['_FLEET']._serialized_start=1016
+  _globals['_FLEET']._serialized_end=1174
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,8 @@ class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState
     """desired version pushed, no answer yet"""
     AGENT_STATE_IN_SYNC: _AgentState.ValueType  # 5
     """applied version == desired version"""
+    AGENT_STATE_REVOKED: _AgentState.ValueType  # 6
+    """its host certificate was revoked (checked first); it cannot connect"""
 
 class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper):
     """One word per agent, the first that holds in this order."""
@@ -56,6 +58,8 @@ AGENT_STATE_PENDING: AgentState.ValueType  # 4
 """desired version pushed, no answer yet"""
 AGENT_STATE_IN_SYNC: AgentState.ValueType  # 5
 """applied version == desired version"""
+AGENT_STATE_REVOKED: AgentState.ValueType  # 6
+"""its host certificate was revoked (checked first); it cannot connect"""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 
 @_typing.final
@@ -100,6 +104,7 @@ class FleetAgent(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
+    REVOKED_UNIX_MS_FIELD_NUMBER: _builtins.int
     computer: _builtins.str
     state: Global___AgentState.ValueType
     online: _builtins.bool
@@ -116,6 +121,8 @@ class FleetAgent(_message.Message):
     agent_version: _builtins.str
     peer: _builtins.str
     """the agent's address as the server saw it"""
+    revoked_unix_ms: _builtins.int
+    """when its certificate was revoked (0 = not revoked)"""
     @_builtins.property
     def capabilities(self) -> _distribution_pb2.Capabilities: ...
     def __init__(
@@ -137,10 +144,11 @@ class FleetAgent(_message.Message):
         capabilities: _distribution_pb2.Capabilities | None = ...,
         agent_version: _builtins.str = ...,
         peer: _builtins.str = ...,
+        revoked_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_version", b"applied_version", "cache_since_unix_ms", b"cache_since_unix_ms", "capabilities", b"capabilities", "computer", b"computer", "connected_since_unix_ms", b"connected_since_unix_ms", "desired_version", b"desired_version", "last_ack_unix_ms", b"last_ack_unix_ms", "last_nack_reason", b"last_nack_reason", "last_nack_unix_ms", b"last_nack_unix_ms", "last_nack_version", b"last_nack_version", "last_seen_unix_ms", b"last_seen_unix_ms", "online", b"online", "peer", b"peer", "running_on_cache", b"running_on_cache", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_version", b"applied_version", "cache_since_unix_ms", b"cache_since_unix_ms", "capabilities", b"capabilities", "computer", b"computer", "connected_since_unix_ms", b"connected_since_unix_ms", "desired_version", b"desired_version", "last_ack_unix_ms", b"last_ack_unix_ms", "last_nack_reason", b"last_nack_reason", "last_nack_unix_ms", b"last_nack_unix_ms", "last_nack_version", b"last_nack_version", "last_seen_unix_ms", b"last_seen_unix_ms", "online", b"online", "peer", b"peer", "revoked_unix_ms", b"revoked_unix_ms", "running_on_cache", b"running_on_cache", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,6 +167,7 @@ class FleetStatus(_message.Message):
     STALE_FIELD_NUMBER: _builtins.int
     OFFLINE_FIELD_NUMBER: _builtins.int
     ON_CACHE_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     server_time_unix_ms: _builtins.int
     total: _builtins.int
     in_sync: _builtins.int
@@ -167,6 +176,7 @@ class FleetStatus(_message.Message):
     stale: _builtins.int
     offline: _builtins.int
     on_cache: _builtins.int
+    revoked: _builtins.int
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___FleetAgent]:
         """sorted by computer name"""
@@ -183,10 +193,11 @@ class FleetStatus(_message.Message):
         stale: _builtins.int = ...,
         offline: _builtins.int = ...,
         on_cache: _builtins.int = ...,
+        revoked: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "in_sync", b"in_sync", "offline", b"offline", "on_cache", b"on_cache", "pending", b"pending", "rejected", b"rejected", "server_time_unix_ms", b"server_time_unix_ms", "stale", b"stale", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "in_sync", b"in_sync", "offline", b"offline", "on_cache", b"on_cache", "pending", b"pending", "rejected", b"rejected", "revoked", b"revoked", "server_time_unix_ms", b"server_time_unix_ms", "stale", b"stale", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
