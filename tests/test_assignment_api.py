@@ -45,7 +45,12 @@ def test_cli_registry_gpos_links_and_rsop(
     ok(server, capsys, "computer", "add", "kiosk", "--workgroup")
     assert "web1" in ok(server, capsys, "computer", "list", "--ou", WEB)
 
+    # A wrong policy name refuses the whole command: no GPO is left behind that assigns nothing.
+    code, _, err = run(server, capsys, "gpo", "add", "Broken", "--policy", "No Such Policy")
+    assert code != 0 and "No Such Policy" in err
+    assert "Broken" not in ok(server, capsys, "gpo", "list")
     ok(server, capsys, "gpo", "add", "Default Domain", "--policy", REQUEST)
+    assert REQUEST in ok(server, capsys, "gpo", "list")
     out = ok(server, capsys, "gpo", "link", "Default Domain", "domain:corp.example")
     assert "changed on 2 computer(s): web1, web2" in out
     ok(server, capsys, "gpo", "add", "Web servers", "--policy", SECURE)

@@ -334,10 +334,11 @@ def _add_gpo(subparsers: Subparsers) -> None:
 
     def add(client: AssignmentClient, args: argparse.Namespace, out: TextIO) -> None:
         p = _pb()
-        gpo = p.Gpo(name=args.name, enabled=not args.disabled, description=args.description)
+        # The policy is looked up first so that the GPO and its assignment are one write:
+        # a wrong policy name must not leave a GPO behind that assigns nothing.
+        policy_id = client.find_policy(args.policy).id if args.policy else ""
+        gpo = p.Gpo(name=args.name, enabled=not args.disabled, description=args.description, policy_id=policy_id)
         _apply(client, out, "gpo add", p.TopologyMutation(put_gpo=gpo))
-        if args.policy:
-            client.set_gpo_policy(args.name, args.policy)
 
     cmd = _command(sub, "add", "create a GPO (optionally assigning an IPsec policy)", add)
     cmd.add_argument("name")

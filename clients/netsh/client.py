@@ -16,7 +16,8 @@ import grpc
 from google.protobuf.message import Message
 
 from clients.netsh.errors import NoAdminCertificate, ServerRefusedCertificate, ServerUnreachable
-from policyagent.model.errors import PolicyError
+from policyagent.model.errors import NotFoundError, PolicyError
+from policyagent.model.objects import normalize_id
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, admin_grpc, admin_pb, pb
 from policyagent.pki.tls import ClientCertificate, NoCertificate, find_admin_certificate, tls_options
 from policyagent.server.errors import RpcFailure, error_from_rpc
@@ -128,6 +129,13 @@ class AdminClient:
         if error.status == grpc.StatusCode.UNIMPLEMENTED:
             return ServerUnreachable(f"{self.target} does not serve the policyagent PolicyAdmin API ({detail})")
         return error
+
+    def find_policy(self, ref: str) -> pb.Policy:
+        """The policy with this id (GUID) or, failing that, this name; NotFoundError otherwise."""
+        try:
+            return self._call(lambda s: s.GetPolicy, admin_pb.GetObjectRequest(id=normalize_id(ref)))
+        except (ValueError, NotFoundError):
+            return self._call(lambda s: s.GetPolicy, admin_pb.GetObjectRequest(name=ref.strip()))
 
     def get_store(self) -> pb.StoreContents:
         # Secrets are needed: writes put whole objects back, pre-shared keys included.
