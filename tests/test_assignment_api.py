@@ -140,3 +140,57 @@ def test_api_validation_and_assigned_policy_delete(inproc_server: Callable[..., 
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         channel.close()
+
+
+def test_cli_security_filtering_and_planning_an_unregistered_computer(
+    inproc_server: Callable[..., InProcessServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = inproc_server()
+    ok(server, capsys, "ou", "add", CORP)
+    ok(server, capsys, "ou", "add", WEB)
+    ok(server, capsys, "site", "add", "HQ")
+    ok(server, capsys, "group", "add", "Web servers")
+    ok(server, capsys, "group", "add", "DB servers")
+    ok(server, capsys, "computer", "add", "web1", "--domain", "corp.example", "--ou", WEB, "--group", "Web servers")
+    ok(server, capsys, "computer", "add", "web2", "--domain", "corp.example", "--ou", WEB)
+    ok(server, capsys, "gpo", "add", "Default Domain", "--policy", REQUEST)
+    ok(server, capsys, "gpo", "link", "Default Domain", "domain:corp.example")
+
+    # A filter naming an unknown group is refused, naming the field.
+    code, _, err = run(server, capsys, "gpo", "add", "Web", "--policy", SECURE, "--filter-group", "Nope")
+    assert code == 2 and 'security_filter: there is no group "Nope"' in err
+    ok(server, capsys, "gpo", "add", "Web", "--policy", SECURE, "--filter-group", "web servers")
+    # Both change: web1 gets the GPO, web2's RSoP gains the "filtered" step.
+    assert "changed on 2 computer(s): web1, web2" in ok(server, capsys, "gpo", "link", "Web", f"ou:{WEB}")
+    assert "Web servers" in ok(server, capsys, "gpo", "list")
+    assert f'in force: "{SECURE}"' in ok(server, capsys, "rsop", "web1")
+    report = ok(server, capsys, "rsop", "web2")
+    assert f'in force: "{REQUEST}"' in report
+    assert 'skipped by security filtering: the computer is in none of the groups "Web servers"' in report
+
+    # The group is in use by the filter; --filter-group replaces it, --no-filter clears it.
+    out = ok(server, capsys, "gpo", "set", "Web", "--filter-group", "DB servers", "--filter-group", "Web servers")
+    assert "changed on 1 computer(s): web2" in out  # web1 still applies it; web2's step names both groups
+    assert "changed on 2 computer(s)" in ok(server, capsys, "gpo", "set", "Web", "--filter-group", "DB servers")
+    code, _, err = run(server, capsys, "group", "delete", "DB servers")  # no members, but in the filter
+    assert code != 0 and 'security filter of GPO "Web"' in err
+    assert "changed on 2 computer(s)" in ok(server, capsys, "gpo", "set", "Web", "--no-filter")
+    assert f'in force: "{SECURE}"' in ok(server, capsys, "rsop", "web2")
+    ok(server, capsys, "gpo", "set", "Web", "--filter-group", "Web servers")
+
+    # Planning a computer that is not in the registry.
+    code, _, err = run(server, capsys, "rsop", "new1")
+    assert code != 0 and "planning OU or domain" in err
+    planned = ok(server, capsys, "rsop", "new1", "--planning-ou", WEB, "--planning-group", "Web servers")
+    assert "PLANNING RESULT FOR AN UNREGISTERED COMPUTER" in planned
+    assert f'in force: "{SECURE}"' in planned and "Groups:       Web servers" in planned
+    assert "Membership:   domain (corp.example)" in planned
+    planned = ok(server, capsys, "rsop", "new1", "--planning-domain", "corp.example", "--planning-site", "HQ")
+    assert "UNREGISTERED" in planned and f'in force: "{REQUEST}"' in planned
+    code, _, err = run(server, capsys, "rsop", "new1", "--planning-ou", WEB, "--planning-group", "Nope")
+    assert code != 0 and 'no group "Nope"' in err
+    # A registered computer's planning report does not say so.
+    assert "UNREGISTERED" not in ok(server, capsys, "rsop", "web2", "--planning-group", "Web servers")
+    assert "new1" not in ok(server, capsys, "computer", "list")
+    as_json = ok(server, capsys, "rsop", "new1", "--planning-ou", WEB, "--json")
+    assert '"unregistered": true' in as_json and '"planning": true' in as_json

@@ -10,6 +10,7 @@ from policyagent.model.assignment import (
     Computer,
     Gpo,
     GpoLink,
+    Group,
     LocalPolicy,
     OrgUnit,
     Outcome,
@@ -57,20 +58,29 @@ class Case:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     ou: str = WEB
     site: str = "HQ"
+    filters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # GPO → security filter groups
+    groups: tuple[str, ...] = ()  # the computer's groups
 
 
 def topology_for(case: Case) -> Topology:
     names = sorted({lk.gpo for lk in case.links})
     gpos = {
-        n: Gpo(gid(i + 1), n, enabled=n not in case.disabled_gpos, policy_id="" if n.startswith("-") else pid(n))
+        n: Gpo(
+            gid(i + 1),
+            n,
+            enabled=n not in case.disabled_gpos,
+            policy_id="" if n.startswith("-") else pid(n),
+            security_filter=case.filters.get(n, ()),
+        )
         for i, n in enumerate(names)
     }
     links = [
         GpoLink(gpos[lk.gpo].id, Scope.parse(lk.scope), lk.order, lk.enforced, lk.enabled) for lk in case.links
     ]
     ous = [OrgUnit(dn, block_inheritance=dn in case.block) for dn in (CORP, SERVERS, WEB)]
-    computer = Computer("host1", "domain", DOMAIN, ou=case.ou, site=case.site)
-    return Topology.build([computer], ous, [Site("HQ"), Site("Branch")], [], gpos.values(), links)
+    computer = Computer("host1", "domain", DOMAIN, ou=case.ou, site=case.site, groups=frozenset(case.groups))
+    groups = [Group("Web servers"), Group("DB servers"), Group("Kiosks")]
+    return Topology.build([computer], ous, [Site("HQ"), Site("Branch")], groups, gpos.values(), links)
 
 
 CASES = [
@@ -154,6 +164,50 @@ CASES = [
         outcomes={"-none": Outcome.NO_POLICY},
     ),
     Case("other site's links do not apply", (L("B", "site:Branch"),), None),
+    Case(
+        "security filter: a filtered-out GPO lets a lower one win",
+        (L("D", f"domain:{DOMAIN}"), L("Web", f"ou:{WEB}")),
+        "D",
+        filters={"Web": ("Web servers",)},
+        groups=("Kiosks",),
+        outcomes={"Web": Outcome.FILTERED},
+    ),
+    Case(
+        "security filter: a member gets the GPO (group names case-insensitive)",
+        (L("D", f"domain:{DOMAIN}"), L("Web", f"ou:{WEB}")),
+        "Web",
+        filters={"Web": ("Web servers",)},
+        groups=("web SERVERS",),
+        outcomes={"D": Outcome.OVERRIDDEN},
+    ),
+    Case(
+        "security filter: one of several groups is enough",
+        (L("Web", f"ou:{WEB}"),),
+        "Web",
+        filters={"Web": ("DB servers", "Web servers")},
+        groups=("Web servers",),
+    ),
+    Case(
+        "security filter: an enforced but filtered-out GPO does not apply",
+        (L("D", f"domain:{DOMAIN}", enforced=True), L("Web", f"ou:{WEB}")),
+        "Web",
+        filters={"D": ("DB servers",)},
+        outcomes={"D": Outcome.FILTERED},
+    ),
+    Case(
+        "security filter: empty filter applies to everyone",
+        (L("D", f"domain:{DOMAIN}"),),
+        "D",
+        filters={"D": ()},
+    ),
+    Case(
+        "security filter: a blocked GPO is reported blocked, not filtered",
+        (L("D", f"domain:{DOMAIN}"),),
+        None,
+        block=(WEB,),
+        filters={"D": ("DB servers",)},
+        outcomes={"D": Outcome.BLOCKED},
+    ),
     Case("no OU: only site and domain", (L("D", f"domain:{DOMAIN}"), L("Web", f"ou:{WEB}")), "D", ou=""),
 ]
 
@@ -285,3 +339,51 @@ def test_scope_parse() -> None:
     assert str(Scope.parse("ou:ou=a,dc=x")) == "ou:OU=a,DC=x"
     with pytest.raises(ValidationError, match="not a scope"):
         Scope.parse("forest:x")
+
+
+def test_security_filtering_step_names_the_groups() -> None:
+    case = Case(
+        "filter",
+        (L("D", f"domain:{DOMAIN}"), L("Web", f"ou:{WEB}")),
+        "D",
+        filters={"Web": ("Web servers", "DB servers")},
+    )
+    result = resolve(topology_for(case), "host1")
+    step = result.steps[0]
+    assert (step.gpo_name, step.outcome) == ("Web", Outcome.FILTERED)
+    assert step.reason == 'skipped by security filtering: the computer is in none of the groups "Web servers", "DB servers"'
+    assert result.steps[1].reason == "applied"
+
+
+def test_planning_an_unregistered_computer() -> None:
+    case = Case(
+        "plan-new",
+        (L("D", f"domain:{DOMAIN}"), L("Web", f"ou:{WEB}"), L("S", "site:Branch")),
+        "Web",
+        filters={"Web": ("Web servers",)},
+    )
+    topology = topology_for(case)
+    # Not registered, no OU or domain: refused, as before.
+    with pytest.raises(NotFoundError, match="planning OU or domain"):
+        topology.with_computer_in("new1")
+    # A hypothetical domain member of the OU's domain, in the planned groups.
+    planned = topology.with_computer_in("NEW1", ou=WEB, site="Branch", groups=["web servers"])
+    computer = planned.computer("new1")
+    assert computer is not None
+    assert (computer.membership, computer.domain, computer.ou, computer.site) == ("domain", DOMAIN, WEB, "Branch")
+    assert computer.groups == frozenset({"Web servers"})  # the registry's spelling
+    assert resolve(planned, "new1").policy_id == pid("Web")
+    # Without the group the filtered GPO is skipped; the domain one wins.
+    assert resolve(topology.with_computer_in("new1", ou=WEB), "new1").policy_id == pid("D")
+    # By domain only: site and domain links.
+    by_domain = topology.with_computer_in("new2", domain=DOMAIN, site="HQ")
+    assert resolve(by_domain, "new2").policy_id == pid("D")
+    assert topology.computer("new1") is None  # the original is untouched
+    with pytest.raises(NotFoundError, match='no group "Nope"'):
+        topology.with_computer_in("new1", ou=WEB, groups=["Nope"])
+    with pytest.raises(ValidationError) as info:
+        topology.with_computer_in("new1", ou=WEB, domain="other.example")
+    assert info.value.violations[0].field == "ou"
+    with pytest.raises(ValidationError) as info:
+        topology.with_computer_in("host1", domain="other.example")  # registered: keeps its domain
+    assert info.value.violations[0].field == "planning_domain"

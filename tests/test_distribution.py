@@ -331,3 +331,150 @@ def test_idle_stream_gets_keepalives_within_the_interval(tmp_path: Path, pki: Pk
             await hub.stop()
 
     run(main)
+
+
+async def _assign_persistent(state: Path, *, kerberos_only: bool = False) -> None:
+    """netsh -r unix:STATE/persistent.sock: a filter list, a filter action and an assigned policy using them."""
+    from builders import filter_action, filter_list, policy, rule
+
+    from policyagent.agent.daemon import PERSISTENT_SOCKET_FILE
+    from policyagent.pb import admin_grpc, admin_pb, pb
+
+    async with aio.insecure_channel(f"unix:{state / PERSISTENT_SOCKET_FILE}") as channel:
+        admin = admin_grpc.PolicyAdminStub(channel)
+
+        async def put(mutation: admin_pb.Mutation) -> admin_pb.ApplyResponse:
+            return await admin.Apply(admin_pb.ApplyRequest(mutations=[mutation]))
+
+        fl = (await put(admin_pb.Mutation(put_filter_list=filter_list("Management")))).written.filter_lists[0]
+        kind = pb.ACTION_TYPE_NEGOTIATE if kerberos_only else pb.ACTION_TYPE_PERMIT
+        fa = (await put(admin_pb.Mutation(put_filter_action=filter_action("Mgmt", action=kind)))).written.filter_actions[0]
+        r = rule(fl.id, fa.id, name="Permit management")
+        if not kerberos_only:
+            r.auth_methods[0].CopyFrom(pb.AuthMethod(preshared_key=pb.PresharedKeyAuth(key="secret")))
+        p = policy("Boot policy", rules=[r], assigned=True)
+        p.default_response_rule.active = False
+        await put(admin_pb.Mutation(put_policy=p))
+
+
+def _recorded_rules(daemon: AgentDaemon) -> list[str]:
+    (record,) = _record_history(daemon)
+    return [r.get("name", "") for r in record["effective_policy"]["policy"].get("rules", [])]
+
+
+def test_persistent_policy_applies_in_addition_to_the_domain_and_survives_a_nack(tmp_path: Path, pki: Pki) -> None:
+    async def main() -> None:
+        from builders import rule
+
+        eff = FakeEffective()
+        domain = simple_policy("Domain policy")
+        domain.rules.append(rule("", "", name="Domain rule"))
+        domain.rules[0].auth_methods[0].certificate.root_ca = "CN=Corp Root"
+        eff.set(["pc1"], domain, membership="workgroup")
+        hub = HubServer(tmp_path, eff, pki)
+        address = await hub.start()
+        state, _ = pki.agent_dir("pc1")
+        agent = AgentDaemon(agent_config(state, address))
+        await agent.start()
+        try:
+            await until(lambda: agent.session.state.value == "in sync")
+            good = eff.version_of("pc1")
+            assert agent.enforced_source == "domain"
+            await _assign_persistent(state)
+            await until(lambda: agent.enforced_source == "persistent+domain", what="persistent + domain in force")
+            assert _recorded_rules(agent) == ["Permit management", "Domain rule"]
+            assert "the persistent store's policy is in force in addition to the domain policy" in agent.status().summary
+            assert agent.session.applied_version == good  # the server's version, not the combination's
+            assert hub.hub is not None
+            await until(lambda: hub.hub.registry.get("pc1").applied_version == good, what="ack of the domain version")
+            # A domain policy this workgroup member cannot apply: NACKed, the persistent part stays in force.
+            eff.set(["pc1"], kerberos_only_policy(), membership="workgroup")
+            bad = eff.version_of("pc1")
+            await until(lambda: hub.hub.registry.get("pc1").last_nack_version == bad, what="nack")
+            assert "workgroup member" in hub.hub.registry.get("pc1").last_nack_reason
+            assert hub.hub.registry.get("pc1").applied_version == good
+            assert agent.enforced_source == "persistent+domain"
+            assert _recorded_rules(agent) == ["Permit management", "Domain rule"]
+            # Over the local socket: the combination is the policy in force.
+            async with aio.insecure_channel(f"unix:{state / SOCKET_FILE}") as channel:
+                local = await agent_grpc.AgentLocalStub(channel).GetStatus(agent_pb.LocalStatusRequest())
+                assert local.applied_source == "persistent+domain"
+                assert "workgroup member" in local.last_nack_reason
+        finally:
+            await agent.stop()
+            await hub.stop()
+
+    run(main)
+
+
+def test_persistent_policy_stays_when_the_first_domain_policy_is_nacked(tmp_path: Path, pki: Pki) -> None:
+    async def main() -> None:
+        eff = FakeEffective()
+        eff.set(["pc1"], None, membership="workgroup")
+        hub = HubServer(tmp_path, eff, pki)
+        address = await hub.start()
+        state, _ = pki.agent_dir("pc1")
+        agent = AgentDaemon(agent_config(state, address))
+        await agent.start()
+        try:
+            await until(lambda: agent.session.state.value == "in sync")
+            await _assign_persistent(state)
+            await until(lambda: agent.enforced_source == "persistent", what="persistent in force")
+            assert _recorded_rules(agent) == ["Permit management"]
+            eff.set(["pc1"], kerberos_only_policy(), membership="workgroup")
+            bad = eff.version_of("pc1")
+            assert hub.hub is not None
+            await until(lambda: hub.hub.registry.get("pc1").last_nack_version == bad, what="nack")
+            assert agent.enforced_source == "persistent"
+            assert _recorded_rules(agent) == ["Permit management"]
+            # After a restart the persistent policy applies at boot, before the session starts.
+            await agent.stop()
+            agent = AgentDaemon(agent_config(state, address))
+            await agent.start()
+            assert agent.enforced_source == "persistent"
+            # Unassigned in the persistent store: no longer in force.
+            from policyagent.agent.daemon import PERSISTENT_SOCKET_FILE
+            from policyagent.pb import admin_grpc, admin_pb
+
+            async with aio.insecure_channel(f"unix:{state / PERSISTENT_SOCKET_FILE}") as channel:
+                admin = admin_grpc.PolicyAdminStub(channel)
+                boot = await admin.GetPolicy(admin_pb.GetObjectRequest(name="Boot policy", include_secrets=True))
+                boot.assigned = False
+                await admin.Apply(admin_pb.ApplyRequest(mutations=[admin_pb.Mutation(put_policy=boot)]))
+            await until(lambda: agent.enforced_source == "none", what="persistent policy no longer in force")
+        finally:
+            await agent.stop()
+            await hub.stop()
+
+    run(main)
+
+
+def test_kerberos_only_persistent_rule_on_a_workgroup_member_is_reported(tmp_path: Path, pki: Pki) -> None:
+    async def main() -> None:
+        eff = FakeEffective()
+        eff.set(["pc1"], simple_policy("Domain policy"), membership="workgroup")
+        hub = HubServer(tmp_path, eff, pki)
+        address = await hub.start()
+        state, _ = pki.agent_dir("pc1")
+        agent = AgentDaemon(agent_config(state, address))
+        await agent.start()
+        try:
+            await until(lambda: agent.session.state.value == "in sync")
+            good = eff.version_of("pc1")
+            await _assign_persistent(state, kerberos_only=True)
+            await until(lambda: "persistent policy not applied" in agent.status().summary, what="reported")
+            summary = agent.status().summary
+            assert '"Permit management": Kerberos needs domain membership' in summary
+            # The domain policy still applies (alone), and the server's version is still ACKed.
+            assert agent.enforced_source == "domain"
+            eff.set(["pc1"], simple_policy("Domain policy 2"), membership="workgroup")
+            assert hub.hub is not None
+            await until(lambda: hub.hub.registry.get("pc1").applied_version == eff.version_of("pc1"), what="ack")
+            assert hub.hub.registry.get("pc1").applied_version != good
+            assert not hub.hub.registry.get("pc1").last_nack_reason
+            assert agent.enforced is not None and agent.enforced.policy.name == "Domain policy 2"
+        finally:
+            await agent.stop()
+            await hub.stop()
+
+    run(main)

@@ -10,7 +10,7 @@ from typing import Any
 import builders as b
 import pytest
 
-from policyagent.model.assignment import Computer, Gpo, GpoLink, OrgUnit, Resolution, Scope, Site, resolve
+from policyagent.model.assignment import Computer, Gpo, GpoLink, Group, OrgUnit, Resolution, Scope, Site, resolve
 from policyagent.model.errors import InUseError, NotFoundError
 from policyagent.model.objects import Kind
 from policyagent.model.writes import Delete, Put
@@ -298,3 +298,57 @@ def test_encoded_parts_make_the_same_bytes_as_the_message(world: World) -> None:
     assert len(contents) == 1
     with pytest.raises(NotFoundError):
         world.effective.encoded("nobody")
+
+
+def test_security_filter_and_group_changes_recompute_exactly_the_affected(world: World) -> None:
+    world.put(Group("Web servers"), Group("DB servers"))
+    world.put(Computer("web1", "domain", DOMAIN, ou=WEB, site="HQ", groups=frozenset({"Web servers"})), upsert=True)
+    world.put(Gpo("", "Web GPO", policy_id=world.ids["PC"]))
+    assert world.put(GpoLink("Web GPO", Scope.ou(WEB))) == WEB_HOSTS
+    world.counter.calls.clear()
+
+    # Filter the GPO to "Web servers": resolved again are only the computers in its linked scope;
+    # changed are those now filtered out (web1, a member, keeps the same RSoP).
+    topo, _ = world.topology.snapshot()
+    gpo = topo.gpos[world.gpo_id("Web GPO")]
+    filtered = Gpo(gpo.id, gpo.name, policy_id=gpo.policy_id, security_filter=("Web servers",), revision=gpo.revision)
+    assert world.put(filtered) == WEB_HOSTS - {"web1"}
+    assert sorted(world.counter.calls) == sorted(WEB_HOSTS)
+    assert world.policy_in_force("web1") == "PC" and world.policy_in_force("web2") == "PA"
+    assert "security filtering" in world.effective.get("web2").rsop[0].outcome
+    world.counter.calls.clear()
+
+    # Joining a group: only that computer is resolved and changed.
+    assert world.put(Computer("web2", "domain", DOMAIN, ou=WEB, site="HQ", groups=frozenset({"web servers"})), upsert=True) == {
+        "web2"
+    }
+    assert world.counter.calls == ["web2"]
+    assert world.policy_in_force("web2") == "PC"
+    world.counter.calls.clear()
+    # A group that filters nothing for it: still only that computer is resolved; nothing changes.
+    assert world.put(Computer("srv1", "domain", DOMAIN, ou=SERVERS, site="HQ", groups=frozenset({"DB servers"})), upsert=True) == set()
+    assert world.counter.calls == ["srv1"]
+    world.counter.calls.clear()
+    # Leaving it: only that computer again.
+    assert world.put(Computer("web1", "domain", DOMAIN, ou=WEB, site="HQ"), upsert=True) == {"web1"}
+    assert world.counter.calls == ["web1"] and world.policy_in_force("web1") == "PA"
+    world.counter.calls.clear()
+    # Adding a group, or removing the filter: the filter change reaches the linked scope only.
+    assert world.put(Group("Kiosks")) == set() and world.counter.calls == []
+    topo, _ = world.topology.snapshot()
+    gpo = topo.gpos[gpo.id]
+    assert world.put(Gpo(gpo.id, gpo.name, policy_id=gpo.policy_id, revision=gpo.revision)) == WEB_HOSTS - {"web2"}
+    assert sorted(world.counter.calls) == sorted(WEB_HOSTS)
+
+
+def test_planning_an_unregistered_computer_in_the_live_view(world: World) -> None:
+    world.put(Group("Web servers"))
+    world.put(Gpo("", "Web GPO", policy_id=world.ids["PC"], security_filter=("Web servers",)))
+    world.put(GpoLink("Web GPO", Scope.ou(WEB)))
+    planned, plan = world.effective.plan("new1", ou=WEB, groups=["web servers"])
+    assert (planned.name, planned.domain, planned.groups) == ("new1", DOMAIN, frozenset({"Web servers"}))
+    assert plan.policy_id == world.ids["PC"]
+    assert world.effective.plan("new1", ou=WEB)[1].policy_id == world.ids["PA"]
+    assert "new1" not in world.effective.computers()
+    with pytest.raises(NotFoundError, match="planning OU or domain"):
+        world.effective.plan("new1")

@@ -18,8 +18,8 @@ from policyagent.model.errors import (
     StoreError,
     ValidationError,
 )
-from policyagent.store.topology import COMPUTER, GPO, LINK, OU, SITE, DeleteObject, PutObject, link_key
-from policyagent.store.topology_sqlite import SqliteTopologyStore
+from policyagent.store.topology import COMPUTER, GPO, GROUP, LINK, OU, SITE, DeleteObject, PutObject, link_key
+from policyagent.store.topology_sqlite import _SCHEMA_V1, APPLICATION_ID, SqliteTopologyStore, _split_sql
 
 CORP = "OU=Corp,DC=corp,DC=example"
 SERVERS = "OU=Servers,OU=Corp,DC=corp,DC=example"
@@ -77,6 +77,8 @@ def test_refuses_a_foreign_database(tmp_path: Path) -> None:
         ([Gpo("", "G"), GpoLink("G", Scope.ou("OU=Nope,DC=corp,DC=example"))], "scope", "no OU"),
         ([Gpo("", "G"), GpoLink("G", Scope.domain("nowhere.example"))], "scope", "no OU or computer"),
         ([Gpo("", "G"), GpoLink("G", Scope.local(), enforced=True)], "enforced", "cannot be enforced"),
+        ([Gpo("", "G", security_filter=("Nope",))], "security_filter", 'no group "Nope"'),
+        ([Gpo("", "G", security_filter=("a:b",))], "security_filter", "must not contain ':'"),
     ],
 )
 def test_validation_names_the_field(store: SqliteTopologyStore, objs: list[object], field: str, message: str) -> None:
@@ -185,3 +187,47 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
         expected = store.snapshot()
     with SqliteTopologyStore(path) as store:
         assert store.snapshot() == expected
+
+
+def test_gpo_security_filter_is_stored_canonical_and_protects_its_groups(store: SqliteTopologyStore) -> None:
+    base(store)
+    put(store, Group("DB servers"))
+    put(store, Gpo("", "G", security_filter=("web SERVERS", "DB servers", "Web servers")))
+    topo, _ = store.snapshot()
+    gpo = next(iter(topo.gpos.values()))
+    assert gpo.security_filter == ("DB servers", "Web servers")  # registry spelling, deduplicated, sorted
+    # A group named in a filter cannot be deleted (filters are not edited behind the admin's back).
+    with pytest.raises(InUseError, match='security filter of GPO "G"'):
+        store.write([DeleteObject(GROUP, "web servers")], principal="t")
+    # Clearing the filter frees it.
+    put(store, Gpo(gpo.id, "G", security_filter=(), revision=gpo.revision))
+    store.write([DeleteObject(GROUP, "Web servers")], principal="t")
+    topo, _ = store.snapshot()
+    assert next(iter(topo.gpos.values())).security_filter == ()
+    assert [g.name for g in topo.groups.values()] == ["DB servers"]
+
+
+def test_v1_file_is_migrated_with_the_filter_column(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    for statement in _split_sql(_SCHEMA_V1):
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO gpos (id, name, name_key, enabled, policy_id, description, revision)"
+        " VALUES ('{00000000-0000-0000-0000-000000000001}', 'Old', 'old', 1, '', '', 1)"
+    )
+    conn.close()
+    with SqliteTopologyStore(path) as store:
+        topo, _ = store.snapshot()
+        old = topo.gpos["{00000000-0000-0000-0000-000000000001}"]
+        assert old.security_filter == ()
+        put(store, Group("Web servers"))
+        put(store, Gpo(old.id, "Old", security_filter=("Web servers",), revision=old.revision))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+    with SqliteTopologyStore(path) as store:  # reopening a migrated file changes nothing
+        topo, _ = store.snapshot()
+        assert topo.gpos[old.id].security_filter == ("Web servers",)

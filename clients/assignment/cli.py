@@ -5,9 +5,11 @@
     policyagent computer add NAME (--domain DNS | --workgroup [NAME]) [--ou DN] [--site S] [--group G ...]
     policyagent computer move NAME [--ou DN | --no-ou] [--site S | --no-site]
     policyagent computer delete NAME | list [--ou DN] [--site S] | show NAME
-    policyagent gpo add NAME [--policy P] [--disabled] | set NAME [--policy P | --no-policy] [--enable | --disable]
+    policyagent gpo add NAME [--policy P] [--disabled] [--filter-group G ...]
+    policyagent gpo set NAME [--policy P | --no-policy] [--enable | --disable] [--filter-group G ... | --no-filter]
     policyagent gpo delete NAME | list | link NAME SCOPE [--order N] [--enforced] [--disabled] | unlink NAME SCOPE
-    policyagent rsop COMPUTER [--planning-ou DN] [--planning-site NAME] [--json]
+    policyagent rsop COMPUTER [--planning-ou DN] [--planning-site NAME] [--planning-group G ...] [--json]
+    policyagent rsop UNREGISTERED --planning-ou DN [--planning-site S] [--planning-domain D] [--planning-group G ...]
 
 SCOPE is local, site:NAME, domain:DNS-NAME or ou:DN. Every command talks to the
 server over mTLS with an admin certificate (as netsh does: -r/--server, --cert-dir).
@@ -337,7 +339,13 @@ def _add_gpo(subparsers: Subparsers) -> None:
         # The policy is looked up first so that the GPO and its assignment are one write:
         # a wrong policy name must not leave a GPO behind that assigns nothing.
         policy_id = client.find_policy(args.policy).id if args.policy else ""
-        gpo = p.Gpo(name=args.name, enabled=not args.disabled, description=args.description, policy_id=policy_id)
+        gpo = p.Gpo(
+            name=args.name,
+            enabled=not args.disabled,
+            description=args.description,
+            policy_id=policy_id,
+            security_filter=args.filter_group or [],
+        )
         _apply(client, out, "gpo add", p.TopologyMutation(put_gpo=gpo))
 
     cmd = _command(sub, "add", "create a GPO (optionally assigning an IPsec policy)", add)
@@ -345,12 +353,22 @@ def _add_gpo(subparsers: Subparsers) -> None:
     cmd.add_argument("--policy", metavar="NAME|ID", help="the IPsec policy it assigns")
     cmd.add_argument("--disabled", action="store_true", help="create it disabled")
     cmd.add_argument("--description", default="")
+    cmd.add_argument(
+        "--filter-group",
+        action="append",
+        metavar="GROUP",
+        help="security filtering: apply only to computers in this group (repeatable; default: every computer)",
+    )
 
     def set_(client: AssignmentClient, args: argparse.Namespace, out: TextIO) -> None:
         gpo = _find_gpo(client.topology(), args.name)
         if args.policy is not None or args.no_policy:
             gpo = client.set_gpo_policy(gpo.id, "" if args.no_policy else args.policy, gpo.revision)
-        if args.enable or args.disable or args.new_name is not None or args.description is not None:
+        filtering = args.filter_group is not None or args.no_filter
+        if args.enable or args.disable or args.new_name is not None or args.description is not None or filtering:
+            if filtering:
+                del gpo.security_filter[:]
+                gpo.security_filter.extend(args.filter_group or [])
             if args.enable or args.disable:
                 gpo.enabled = bool(args.enable)
             if args.new_name is not None:
@@ -372,6 +390,14 @@ def _add_gpo(subparsers: Subparsers) -> None:
     state.add_argument("--disable", action="store_true")
     cmd.add_argument("--new-name")
     cmd.add_argument("--description")
+    filters = cmd.add_mutually_exclusive_group()
+    filters.add_argument(
+        "--filter-group",
+        action="append",
+        metavar="GROUP",
+        help="replace the security filter: apply only to computers in these groups (repeatable)",
+    )
+    filters.add_argument("--no-filter", action="store_true", help="no security filter: apply to every computer")
 
     def delete(client: AssignmentClient, args: argparse.Namespace, out: TextIO) -> None:
         p = _pb()
@@ -384,9 +410,17 @@ def _add_gpo(subparsers: Subparsers) -> None:
     def list_(client: AssignmentClient, args: argparse.Namespace, out: TextIO) -> None:
         topo = client.topology()
         names = {g.id: g.name for g in topo.gpos}
-        rows: list[tuple[str, ...]] = [("GPO", "ENABLED", "IPSEC POLICY", "ID")]
+        rows: list[tuple[str, ...]] = [("GPO", "ENABLED", "IPSEC POLICY", "SECURITY FILTER", "ID")]
         for g in sorted(topo.gpos, key=lambda g: g.name.casefold()):
-            rows.append((g.name, "yes" if g.enabled else "no", g.policy_name or g.policy_id or "-", g.id))
+            rows.append(
+                (
+                    g.name,
+                    "yes" if g.enabled else "no",
+                    g.policy_name or g.policy_id or "-",
+                    ", ".join(g.security_filter) or "(everyone)",
+                    g.id,
+                )
+            )
         _table(out, rows)
         out.write("\n")
         rows = [("SCOPE", "ORDER", "GPO", "ENFORCED", "LINK ENABLED")]
@@ -447,10 +481,17 @@ def _add_gpo(subparsers: Subparsers) -> None:
 def render_rsop(rsop: assign_pb.Rsop, out: TextIO) -> None:
     """A gpresult-like report: where the computer is, the policy in force, then every GPO considered."""
     title = "RSoP planning" if rsop.planning else "Resultant set of policy"
-    out.write(f"{title} for computer {rsop.computer}\n\n")
+    out.write(f"{title} for computer {rsop.computer}\n")
+    if rsop.unregistered:
+        out.write(
+            "  PLANNING RESULT FOR AN UNREGISTERED COMPUTER: it is not in the registry; this is what would\n"
+            "  apply to a hypothetical computer with the planned domain, OU, site and groups.\n"
+        )
+    out.write("\n")
     out.write(f"  Membership:   {rsop.membership} ({rsop.domain})\n")
     out.write(f"  Site:         {rsop.site or '-'}{'  (planned)' if rsop.planning else ''}\n")
-    out.write(f"  OU:           {rsop.ou or '-'}{'  (planned)' if rsop.planning else ''}\n\n")
+    out.write(f"  OU:           {rsop.ou or '-'}{'  (planned)' if rsop.planning else ''}\n")
+    out.write(f"  Groups:       {', '.join(rsop.groups) or '-'}\n\n")
     winner = next((s for s in rsop.steps if s.outcome == "applied"), None)
     if winner is None:
         out.write("  IPsec policy in force: none (no GPO that reaches this computer assigns one)\n")
@@ -473,7 +514,9 @@ def render_rsop(rsop: assign_pb.Rsop, out: TextIO) -> None:
 def _add_rsop(subparsers: Subparsers) -> None:
     def run(client: AssignmentClient, args: argparse.Namespace, out: TextIO) -> None:
         planning_ou = "" if args.planning_no_ou else args.planning_ou
-        rsop = client.rsop(args.computer, planning_ou, args.planning_site)
+        rsop = client.rsop(
+            args.computer, planning_ou, args.planning_site, args.planning_domain, args.planning_group or None
+        )
         if args.json:
             from google.protobuf import json_format
 
@@ -492,6 +535,14 @@ def _add_rsop(subparsers: Subparsers) -> None:
     where.add_argument("--planning-ou", type=_dn, metavar="DN", help="as if the computer were in this OU")
     where.add_argument("--planning-no-ou", action="store_true", help="as if it were in no OU")
     cmd.add_argument("--planning-site", metavar="NAME", help='as if it were in this site ("" = none)')
+    cmd.add_argument(
+        "--planning-domain",
+        metavar="DNS-NAME",
+        help="for a computer not in the registry: plan it as a member of this domain (default: the OU's)",
+    )
+    cmd.add_argument(
+        "--planning-group", action="append", metavar="GROUP", help="as if it were in these groups (repeatable)"
+    )
     cmd.add_argument("--json", action="store_true")
 
 

@@ -53,10 +53,19 @@ class AssignmentClient(AdminClient):
         request = assign_pb.SetGpoPolicyRequest(gpo=gpo, policy=policy, revision=revision)
         return self._acall(lambda s: s.SetGpoPolicy, request)
 
-    def rsop(self, computer: str, planning_ou: str | None = None, planning_site: str | None = None) -> assign_pb.Rsop:
-        request = assign_pb.RsopRequest(computer=computer)
+    def rsop(
+        self,
+        computer: str,
+        planning_ou: str | None = None,
+        planning_site: str | None = None,
+        planning_domain: str | None = None,
+        planning_groups: list[str] | None = None,
+    ) -> assign_pb.Rsop:
+        request = assign_pb.RsopRequest(computer=computer, planning_groups=planning_groups or [])
         if planning_ou is not None:
             request.planning_ou = planning_ou
         if planning_site is not None:
             request.planning_site = planning_site
+        if planning_domain is not None:
+            request.planning_domain = planning_domain
         return self._acall(lambda s: s.GetRsop, request)

@@ -6,11 +6,15 @@ Distribution stream (with gRPC keepalives), Fetch and Report calls, the enforcer
 socket. Its loop waits for the next event or the session's next timer deadline —
 nothing polls.
 
-Which policy is enforced (issue 3, DESIGN §1.2): at start the persistent store's
-assigned policy applies first; then the cached domain policy (if any) replaces it;
-then whatever the server sends. When the domain assigns nothing (source "none"),
-the local store's assigned policy applies: the domain's assignment overrides the
-local one. The session ACKs the domain's version either way.
+Which policy is enforced (issue 3, DESIGN §1.2): the primary policy is the domain's
+(the cached one at start, then whatever the server sends) or, when the domain assigns
+nothing (source "none"), the local store's assigned policy: the domain's assignment
+overrides the local one. The persistent store's assigned policy applies at start and
+then *in addition to* the primary one (Windows Server 2003): the enforcer gets
+`combine.combine(persistent, primary)`. If that fails because the persistent policy
+cannot apply here, the primary policy applies alone; if the primary part is at fault,
+the domain version is NACKed and what is in force (persistent part included) stays.
+The session ACKs/NACKs the domain's version either way.
 
 Local admin API, `STATE_DIR/agent.sock` (0600): `AgentLocal` (status, the effective
 policy) and `PolicyAdmin` on the local static store, so `netsh -r unix:STATE_DIR/agent.sock`
@@ -39,6 +43,7 @@ from grpc import aio
 
 from policyagent.agent import session as s
 from policyagent.agent.cache import PolicyCache
+from policyagent.agent.combine import combine, has_policy
 from policyagent.agent.enforce import EnforceError, Enforcer, HostFacts
 from policyagent.agent.enforce.recordonly import RecordOnlyEnforcer
 from policyagent.model.defaults import restore_defaults_plan
@@ -199,8 +204,12 @@ class AgentDaemon:
         self.persistent_store: PolicyStore | None = None
         # What the enforcer holds now, which may differ from the session's domain policy (local store).
         self.enforced: dist_pb.EffectivePolicy | None = None
-        self.enforced_source = "none"
+        self.enforced_source = "none"  # the parts in force, e.g. "persistent+domain", "local", "none"
+        self.persistent_error = ""  # why the persistent store's policy is not in force, if it cannot apply
         self._domain: dist_pb.EffectivePolicy | None = None
+        # One enforcement at a time: a server push and a local/persistent-store write that
+        # interleave must each see the other's result, never an older view of the stores.
+        self._enforcing = asyncio.Lock()
         self.computer = config.computer
 
     # ------------------------------------------------------------------ lifecycle
@@ -219,8 +228,9 @@ class AgentDaemon:
         self.local_store = NotifyingStore(
             await loop.run_in_executor(self._store_executor, self._open_store, LOCAL_STORE_FILE), self._store_changed
         )
-        self.persistent_store = await loop.run_in_executor(
-            self._store_executor, self._open_store, PERSISTENT_STORE_FILE
+        self.persistent_store = NotifyingStore(
+            await loop.run_in_executor(self._store_executor, self._open_store, PERSISTENT_STORE_FILE),
+            self._store_changed,
         )
         await self._start_local_api()
         caps = self.enforcer.capabilities()
@@ -240,15 +250,10 @@ class AgentDaemon:
             rng=self._rng,
         )
         _log.warning("enforcer: %s", self.enforcer.describe(), extra={"enforcer": self.enforcer.name})
-        # The persistent store applies at boot, before the cache or the domain.
-        assert self.persistent_store is not None
-        persistent = await loop.run_in_executor(
-            self._store_executor, assigned_of, self.persistent_store, "persistent", self.computer
-        )
-        if persistent is not None:
-            error = await self._enforce(persistent, "persistent")
-            if error:
-                _log.error("persistent policy not applied", extra={"reason": error})
+        # The persistent store applies at boot, before the cache or the domain (and then with them).
+        error = await self._enforce_combined(None, "none")
+        if error:
+            _log.error("persistent policy not applied", extra={"reason": error})
         cached = self.cache.load()
         if cached is not None:
             _log.info(
@@ -470,9 +475,50 @@ class AgentDaemon:
         )
         return ""
 
+    async def _enforce_combined(
+        self, primary: dist_pb.EffectivePolicy | None, source: str, *, unless_same: bool = False
+    ) -> str:
+        """Enforce the persistent store's policy plus `primary`; returns "" or why `primary` cannot apply.
+
+        If the combination fails because the persistent policy itself cannot apply on this host, the
+        primary policy is applied alone (and `persistent_error` says why); otherwise what is in force stays.
+        """
+        assert self.persistent_store is not None
+        loop = asyncio.get_running_loop()
+        persistent = await loop.run_in_executor(
+            self._store_executor, assigned_of, self.persistent_store, "persistent", self.computer
+        )
+        if persistent is None:
+            self.persistent_error = ""
+            if primary is None:
+                if self.enforced_source != "persistent":
+                    return ""
+                primary = dist_pb.EffectivePolicy(computer=self.computer, source="none")  # unassigned
+            if unless_same and self.enforced is not None and primary.version == self.enforced.version:
+                return ""
+            return await self._enforce(primary, source)
+        combined = combine(persistent, primary)
+        if unless_same and self.enforced is not None and combined.version == self.enforced.version:
+            return ""
+        error = await self._enforce(combined, combined.source)
+        if not error:
+            self.persistent_error = ""
+            return ""
+        if primary is None:
+            self.persistent_error = error
+            return error
+        problems = await loop.run_in_executor(
+            self._enforce_executor, self.enforcer.check, persistent, self._facts(combined)
+        )
+        if not problems:
+            return error  # the primary part (or the combination) is at fault: what is in force stays
+        self.persistent_error = "; ".join(problems)
+        _log.error("persistent policy not applied", extra={"reason": self.persistent_error})
+        return await self._enforce(primary, source)
+
     async def _choose(self, domain: dist_pb.EffectivePolicy) -> tuple[dist_pb.EffectivePolicy, str]:
-        """What to enforce for this domain policy: it, or the local store's when the domain assigns none."""
-        if domain.source != "none" and domain.HasField("policy"):
+        """The primary policy for this domain policy: it, or the local store's when the domain assigns none."""
+        if has_policy(domain):
             return domain, "domain"
         assert self.local_store is not None
         local = await asyncio.get_running_loop().run_in_executor(
@@ -484,30 +530,31 @@ class AgentDaemon:
         return domain, "none"
 
     async def _apply(self, policy: dist_pb.EffectivePolicy, origin: s.Origin) -> None:
-        chosen, source = await self._choose(policy)
-        error = await self._enforce(chosen, source)
-        if not error:
-            self._domain = policy
+        async with self._enforcing:
+            chosen, source = await self._choose(policy)
+            error = await self._enforce_combined(chosen, source)
+            if not error:
+                self._domain = policy
         if error and origin is s.Origin.CACHE:
             _log.error("cached policy not applied", extra={"reason": error})
         self.post(s.Applied(policy.version, error))
 
     def _store_changed(self) -> None:
-        # Called in the store thread after a local-store write: re-choose on the loop.
+        # Called in the store thread after a local- or persistent-store write: re-choose on the loop.
         loop = self._loop
-        if loop is not None and self._domain is not None:
-            domain = self._domain
-            loop.call_soon_threadsafe(lambda: self._spawn(self._rechoose(domain)))
+        if loop is not None:
+            loop.call_soon_threadsafe(lambda: self._spawn(self._rechoose()))
 
-    async def _rechoose(self, domain: dist_pb.EffectivePolicy) -> None:
-        if domain is not self._domain:
-            return
-        chosen, source = await self._choose(domain)
-        if self.enforced is not None and chosen.version == self.enforced.version:
-            return
-        error = await self._enforce(chosen, source)
+    async def _rechoose(self) -> None:
+        async with self._enforcing:
+            domain = self._domain  # the last good domain policy, as of now
+            if domain is None:  # no good domain policy yet: only the persistent part can change
+                error = await self._enforce_combined(None, "none", unless_same=True)
+            else:
+                chosen, source = await self._choose(domain)
+                error = await self._enforce_combined(chosen, source, unless_same=True)
         if error:
-            _log.error("local policy not applied", extra={"reason": error})
+            _log.error("local or persistent policy not applied", extra={"reason": error})
 
     # ------------------------------------------------------------------ status
 
@@ -535,6 +582,8 @@ class AgentDaemon:
         out.last_nack_version = st.last_nack_version
         out.last_nack_reason = st.last_nack_reason
         out.summary = summary_line(out)
+        if self.persistent_error:
+            out.summary += f"; persistent policy not applied: {self.persistent_error}"
         return out
 
     # ------------------------------------------------------------------ local API
@@ -563,8 +612,13 @@ def summary_line(status: agent_pb.LocalStatus) -> str:
         parts.append(f"applied version {status.applied_version[:12]}")
     else:
         parts.append("no policy applied")
-    if status.applied_source == "local":
+    in_force = status.applied_source.split("+")
+    if "local" in in_force:
         parts.append("the local store's policy is in force (the domain assigns none)")
+    if "persistent" in in_force:
+        others = [p for p in in_force if p != "persistent"]
+        extra = f" in addition to the {others[0]} policy" if others else ""
+        parts.append(f"the persistent store's policy is in force{extra}")
     parts.append(f"server {status.server}: {status.connection}")
     if status.last_error and status.connection in ("backoff", "polling", "connecting"):
         parts.append(status.last_error)

@@ -22,6 +22,10 @@ computer and why, following Group Policy processing (reference windows-ipsec.md
   enforced links the higher scope wins (site over domain over parent OU over
   child OU);
 * disabled links and disabled GPOs are skipped;
+* security filtering ("Apply Group Policy" permission): a GPO whose
+  `security_filter` names groups applies only to computers in at least one of
+  them (an empty filter = everyone, like Authenticated Users); a filtered-out
+  GPO is skipped, enforced or not, and a lower one can win;
 * IPsec policies never merge: the IPsec extension takes the highest-precedence
   GPO that assigns a policy ([MS-GPIPSEC] §3.2.5.3). A GPO without an IPsec
   assignment does not take part;
@@ -31,7 +35,9 @@ computer and why, following Group Policy processing (reference windows-ipsec.md
 Every link considered becomes a `Step` (the RsopStep of distribution.proto):
 applied, overridden by which GPO, blocked at which OU, disabled, or without a
 policy. Planning mode ("what would apply if this computer were in OU X") is
-`resolve(topology.with_computer_in(name, ou=..., site=...), name)`.
+`resolve(topology.with_computer_in(name, ou=..., site=...), name)`; for a
+computer not in the registry, `with_computer_in(name, ou=..., domain=...,
+groups=...)` adds a hypothetical domain member (planning an unregistered one).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -322,7 +328,11 @@ class Group:
 
 @dataclass(frozen=True)
 class Gpo:
-    """A Group Policy object. `policy_id` is the IPsec policy it assigns ("" = none)."""
+    """A Group Policy object. `policy_id` is the IPsec policy it assigns ("" = none).
+
+    `security_filter`: the groups the GPO applies to (Group Policy's "Apply Group
+    Policy" permission); empty = every computer (Authenticated Users).
+    """
 
     id: str
     name: str
@@ -330,6 +340,22 @@ class Gpo:
     policy_id: str = ""
     description: str = ""
     revision: int = 0
+    security_filter: tuple[str, ...] = ()
+
+    def applies_to(self, computer: Computer) -> bool:
+        """True if the security filter lets this GPO apply to `computer` (group names compare case-insensitively)."""
+        if not self.security_filter:
+            return True
+        mine = {key_of(g) for g in computer.groups}
+        return any(key_of(g) in mine for g in self.security_filter)
+
+
+def canonical_filter(groups: Iterable[str]) -> tuple[str, ...]:
+    """A security filter without duplicates (case-insensitive), sorted: how it is stored and compared."""
+    seen: dict[str, str] = {}
+    for group in groups:
+        seen.setdefault(key_of(group), group.strip())
+    return tuple(sorted(seen.values(), key=key_of))
 
 
 @dataclass(frozen=True)
@@ -399,6 +425,8 @@ def validate_gpo(gpo: Gpo, path: str = "") -> None:
     check_name(gpo.name, "GPO", path=path)
     if len(gpo.description) > MAX_DESCRIPTION_LEN:
         raise ValidationError(Violation(path, "description", f"is longer than {MAX_DESCRIPTION_LEN} characters"))
+    for group in gpo.security_filter:
+        check_name(group.strip(), "group", field_name="security_filter", path=path)
 
 
 def validate_link(link: GpoLink, path: str = "") -> None:
@@ -469,27 +497,80 @@ class Topology:
     def gpo(self, gpo_id: str) -> Gpo | None:
         return self.gpos.get(gpo_id)
 
+    def group(self, name: str) -> Group | None:
+        return self.groups.get(key_of(name))
+
     def links_at(self, scope: Scope) -> list[GpoLink]:
         return sorted((lk for lk in self.links if lk.scope.key == scope.key), key=lambda lk: lk.order)
 
-    def with_computer_in(self, name: str, *, ou: str | None = None, site: str | None = None) -> Topology:
+    def with_computer_in(
+        self,
+        name: str,
+        *,
+        ou: str | None = None,
+        site: str | None = None,
+        domain: str | None = None,
+        groups: Iterable[str] | None = None,
+    ) -> Topology:
         """Planning mode: this topology with computer `name` moved to `ou` and/or `site`.
 
         None keeps the current value; "" takes the computer out of any OU / site. The
-        OU and site must exist; the computer must be in the topology.
+        OU, site and groups must exist. A computer not in the topology is planned as a
+        hypothetical domain member (give `ou` or `domain`; see planned_computer).
         """
-        moved = planned_computer(self, name, ou=ou, site=site)
+        moved = planned_computer(self, name, ou=ou, site=site, domain=domain, groups=groups, group_exists=self.group)
         computers = dict(self.computers)
         computers[key_of(name)] = moved
         return dataclasses.replace(self, computers=computers)
 
 
-def planned_computer(view: TopologyView, name: str, *, ou: str | None = None, site: str | None = None) -> Computer:
-    """Computer `name` as it would be in `ou` and/or `site` (None keeps, "" clears); both must exist."""
+def planned_computer(
+    view: TopologyView,
+    name: str,
+    *,
+    ou: str | None = None,
+    site: str | None = None,
+    domain: str | None = None,
+    groups: Iterable[str] | None = None,
+    group_exists: Callable[[str], object | None] | None = None,
+) -> Computer:
+    """Computer `name` as it would be in `ou` and/or `site` (None keeps, "" clears); both must exist.
+
+    `groups` (None keeps) replaces its groups; each must exist when `group_exists` is given.
+    A computer not in the registry is planned as a hypothetical domain member of `domain`
+    (default: the OU's domain): give `ou` or `domain`, else NotFoundError. `domain` is only
+    for such a computer (a registered one keeps its membership).
+    """
     current = view.computer(name)
     if current is None:
-        raise NotFoundError(f'there is no computer "{name}" in the registry')
-    new_ou, new_site = current.ou, current.site
+        has_ou = ou is not None and bool(ou.strip())
+        if not has_ou and not (domain and domain.strip()):
+            raise NotFoundError(
+                f'there is no computer "{name.strip()}" in the registry '
+                "(to plan a computer that is not registered, give a planning OU or domain)"
+            )
+        planned_domain = domain.strip() if domain and domain.strip() else parse_dn(ou or "").domain
+        current = Computer(canonical_computer_name(name), "domain", canonical_domain(planned_domain))
+        validate_computer(current)
+    elif domain is not None and canonical_domain(domain) != canonical_domain(current.domain):
+        raise ValidationError(
+            Violation(
+                f'computer "{current.name}"',
+                "planning_domain",
+                "a registered computer keeps its domain in planning mode (the planning domain is for an "
+                "unregistered computer)",
+            )
+        )
+    new_ou, new_site, new_groups = current.ou, current.site, current.groups
+    if groups is not None:
+        names: list[str] = []
+        for group in groups:
+            check_name(group.strip(), "group", field_name="groups", path=f'computer "{current.name}"')
+            found_group = group_exists(group) if group_exists is not None else None
+            if group_exists is not None and found_group is None:
+                raise NotFoundError(f'there is no group "{group.strip()}" in the registry')
+            names.append(found_group.name if isinstance(found_group, Group) else group.strip())
+        new_groups = frozenset(canonical_filter(names))
     if ou is not None:
         new_ou = canonical_dn(ou) if ou.strip() else ""
         if new_ou and view.org_unit(new_ou) is None:
@@ -501,7 +582,7 @@ def planned_computer(view: TopologyView, name: str, *, ou: str | None = None, si
             if found is None:
                 raise NotFoundError(f'there is no site "{site.strip()}" in the registry')
             new_site = found.name
-    moved = dataclasses.replace(current, ou=new_ou, site=new_site)
+    moved = dataclasses.replace(current, ou=new_ou, site=new_site, groups=new_groups)
     validate_computer(moved)
     return moved
 
@@ -540,6 +621,7 @@ class Outcome(enum.Enum):
     BLOCKED = "blocked"
     LINK_DISABLED = "link disabled"
     GPO_DISABLED = "GPO disabled"
+    FILTERED = "filtered out"
     NO_POLICY = "no IPsec policy"
     MISSING_POLICY = "missing policy"
     MISSING_GPO = "missing GPO"
@@ -688,6 +770,12 @@ def resolve(
             outcome, reason = Outcome.GPO_DISABLED, "GPO disabled"
         elif cand.blocked_at:
             outcome, reason = Outcome.BLOCKED, f"blocked by inheritance at {cand.blocked_at}"
+        elif not gpo.applies_to(computer):
+            groups = ", ".join(f'"{g}"' for g in gpo.security_filter)
+            outcome, reason = (
+                Outcome.FILTERED,
+                f"skipped by security filtering: the computer is in none of the groups {groups}",
+            )
         elif not gpo.policy_id:
             outcome, reason = Outcome.NO_POLICY, "no IPsec policy assigned"
         elif policy_names is not None and gpo.policy_id not in policy_names:

@@ -19,6 +19,7 @@ not listed as public or agent-only is admin-only).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -170,6 +171,7 @@ def gpo_to_proto(gpo: Gpo, policy_name: Callable[[str], str]) -> assign_pb.Gpo:
         policy_id=gpo.policy_id,
         policy_name=policy_name(gpo.policy_id) if gpo.policy_id else "",
         description=gpo.description,
+        security_filter=list(gpo.security_filter),
         revision=gpo.revision,
     )
 
@@ -195,7 +197,16 @@ def mutation_from_proto(m: assign_pb.TopologyMutation, index: int) -> TopologyMu
         return PutObject(Group(m.put_group.name, m.put_group.description, m.put_group.revision), m.upsert)
     if op == "put_gpo":
         g = m.put_gpo
-        return PutObject(Gpo(g.id, g.name, g.enabled, g.policy_id, g.description, g.revision), m.upsert)
+        gpo = Gpo(
+            g.id,
+            g.name,
+            g.enabled,
+            g.policy_id,
+            g.description,
+            g.revision,
+            security_filter=tuple(g.security_filter),
+        )
+        return PutObject(gpo, m.upsert)
     if op == "put_link":
         lk = m.put_link
         if not lk.gpo.strip():
@@ -212,7 +223,9 @@ def mutation_from_proto(m: assign_pb.TopologyMutation, index: int) -> TopologyMu
     raise ValidationError(Violation(path, "op", "empty mutation: give a put or a delete"))
 
 
-def rsop_to_proto(resolution: Resolution, computer: Computer, *, planning: bool, version: str) -> assign_pb.Rsop:
+def rsop_to_proto(
+    resolution: Resolution, computer: Computer, *, planning: bool, version: str, unregistered: bool = False
+) -> assign_pb.Rsop:
     winner = resolution.winner
     out = assign_pb.Rsop(
         computer=computer.name,
@@ -225,6 +238,8 @@ def rsop_to_proto(resolution: Resolution, computer: Computer, *, planning: bool,
         policy_name=winner.policy_name if winner else "",
         source=resolution.source,
         version=version,
+        unregistered=unregistered,
+        groups=sorted(computer.groups, key=str.casefold),
     )
     steps: list[dist_pb.RsopStep] = rsop_steps_to_proto(resolution.steps)
     out.steps.extend(steps)
@@ -282,7 +297,7 @@ class AssignmentOps:
         policy_id = ""
         if request.policy.strip():
             policy_id = self._policy_id(request.policy)
-        updated = Gpo(gpo.id, gpo.name, gpo.enabled, policy_id, gpo.description, request.revision or gpo.revision)
+        updated = dataclasses.replace(gpo, policy_id=policy_id, revision=request.revision or gpo.revision)
         response = self._write([PutObject(updated)], principal, "set GPO policy")
         if response.written.gpos:
             return response.written.gpos[0]
@@ -304,15 +319,26 @@ class AssignmentOps:
         effective = self.parts.effective
         if not request.computer.strip():
             raise ValidationError(Violation("", "computer", "give the computer's name"))
-        planning = request.HasField("planning_ou") or request.HasField("planning_site")
+        planning = (
+            request.HasField("planning_ou")
+            or request.HasField("planning_site")
+            or request.HasField("planning_domain")
+            or bool(request.planning_groups)
+        )
         current = self.parts.topology_store.get_computer(request.computer)
-        if current is None:
-            raise NotFoundError(f'there is no computer "{request.computer.strip()}" in the registry')
         if planning:
             ou = request.planning_ou if request.HasField("planning_ou") else None
             site = request.planning_site if request.HasField("planning_site") else None
-            moved, resolution = effective.plan(current.name, ou=ou, site=site)
-            return rsop_to_proto(resolution, moved, planning=True, version="")
+            domain = request.planning_domain if request.HasField("planning_domain") else None
+            groups = list(request.planning_groups) if request.planning_groups or current is None else None
+            name = current.name if current is not None else request.computer
+            moved, resolution = effective.plan(name, ou=ou, site=site, domain=domain, groups=groups)
+            return rsop_to_proto(resolution, moved, planning=True, version="", unregistered=current is None)
+        if current is None:
+            raise NotFoundError(
+                f'there is no computer "{request.computer.strip()}" in the registry '
+                "(to plan a computer that is not registered, give a planning OU or domain)"
+            )
         return rsop_to_proto(
             effective.resolution(current.name), current, planning=False, version=effective.version_of(current.name)
         )

@@ -28,7 +28,8 @@ API for the distribution hub (stable):
 
 Incremental (an edit touching one GPO must not recompute the fleet): the object
 keeps a live mirror of both stores with indexes — scope (site, domain, OU) →
-computers, GPO → its links' scopes, filter list/action → policies using them,
+computers, GPO → its links' scopes (a GPO edit, its security filter included,
+re-resolves only those), filter list/action → policies using them,
 policy → computers whose resolution mentions it. A topology write re-resolves
 only the computers in the scopes it touched; a policy edit recomputes that
 policy's content once and re-hashes the computers that mention it, without
@@ -54,6 +55,7 @@ from policyagent.model.assignment import (
     ComputerOverlay,
     Gpo,
     GpoLink,
+    Group,
     OrgUnit,
     Resolution,
     Scope,
@@ -96,6 +98,7 @@ class LiveTopology:
         self.ous: dict[str, OrgUnit] = {}
         self.sites: dict[str, Site] = {}
         self.gpos: dict[str, Gpo] = {}
+        self.groups: dict[str, Group] = {}  # planning checks; membership is on the computers
         self._links: dict[tuple[str, str], dict[str, GpoLink]] = {}  # scope key → gpo id → link
         self._links_of_gpo: dict[str, dict[tuple[str, str], Scope]] = {}
         self._by_site: dict[str, set[str]] = {}
@@ -109,6 +112,8 @@ class LiveTopology:
             self.sites[key_of(site.name)] = site
         for gpo in topology.gpos.values():
             self.gpos[gpo.id] = gpo
+        for group in topology.groups.values():
+            self.groups[key_of(group.name)] = group
         for link in topology.links:
             self.put_link(link)
 
@@ -124,6 +129,9 @@ class LiveTopology:
 
     def gpo(self, gpo_id: str) -> Gpo | None:
         return self.gpos.get(gpo_id)
+
+    def group(self, name: str) -> Group | None:
+        return self.groups.get(key_of(name))
 
     def links_at(self, scope: Scope) -> list[GpoLink]:
         return sorted(self._links.get(scope.key, {}).values(), key=lambda lk: lk.order)
@@ -334,13 +342,32 @@ class EffectivePolicies:
         with self._lock:
             return self._state_of(computer).resolution
 
-    def plan(self, computer: str, *, ou: str | None = None, site: str | None = None) -> tuple[Computer, Resolution]:
+    def plan(
+        self,
+        computer: str,
+        *,
+        ou: str | None = None,
+        site: str | None = None,
+        domain: str | None = None,
+        groups: Sequence[str] | None = None,
+    ) -> tuple[Computer, Resolution]:
         """Planning mode: the computer as if it were in `ou` / `site` (None keeps, "" clears) and its RSoP.
 
-        Nothing changes; NotFoundError if the computer, OU or site is not in the registry.
+        `groups` (None keeps) replaces its groups. A computer not in the registry is
+        planned as a hypothetical domain member of `domain` (default: the OU's domain);
+        it needs `ou` or `domain`. Nothing changes; NotFoundError if the computer (with
+        neither), OU, site or a group is not in the registry.
         """
         with self._lock:
-            moved = planned_computer(self._topology, computer, ou=ou, site=site)
+            moved = planned_computer(
+                self._topology,
+                computer,
+                ou=ou,
+                site=site,
+                domain=domain,
+                groups=groups,
+                group_exists=self._topology.group,
+            )
             return moved, self._resolver(ComputerOverlay(self._topology, moved), moved, policy_names=dict(self._names))
 
     def policy_name(self, policy_id: str) -> str:
@@ -465,7 +492,14 @@ class EffectivePolicies:
                         assert isinstance(after, GpoLink)
                         live.put_link(after)
                         scopes.append(after.scope)
-                # groups do not take part in resolution
+                elif isinstance(obj, Group):
+                    # Membership is on the computers (a change of it is a computer change) and a
+                    # group named in a GPO filter cannot be deleted: nobody's resolution changes.
+                    if after is None:
+                        live.groups.pop(key_of(obj.name), None)
+                    else:
+                        assert isinstance(after, Group)
+                        live.groups[key_of(after.name)] = after
             seen: set[tuple[str, str]] = set()
             for scope in scopes:
                 if scope.key not in seen:

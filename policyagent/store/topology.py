@@ -107,7 +107,8 @@ class DeleteObject:
 
     Deleting a GPO deletes its links; deleting an OU or site deletes the links to it.
     An OU with child OUs or computers, a site with computers and a group with members
-    are refused (InUseError). revision 0: whatever is stored.
+    or named in a GPO's security filter are refused (InUseError; filters are never
+    edited behind the admin's back). revision 0: whatever is stored.
     """
 
     kind: str

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sqlite3
 import threading
@@ -33,6 +34,7 @@ from policyagent.model.assignment import (
     Topology,
     canonical_computer_name,
     canonical_domain,
+    canonical_filter,
     check_domain_name,
     check_name,
     key_of,
@@ -74,7 +76,7 @@ from policyagent.store.topology import (
 )
 
 APPLICATION_ID = 0x50414754  # "PAGT"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOPOLOGY_FILE = "topology.sqlite3"
 
 _SCHEMA_V1 = """
@@ -121,6 +123,17 @@ CREATE TRIGGER changelog_no_delete BEFORE DELETE ON changelog
 BEGIN SELECT RAISE(ABORT, 'the change log is append-only'); END;
 INSERT INTO meta (key, value) VALUES ('revision', 0);
 """
+
+# v2: GPO security filtering. The filter is a JSON list of group names (registry spelling);
+# "[]" = everyone. Files written by v1 get the column on open (see _migrate).
+_GPO_FILTER_COLUMN = "ALTER TABLE gpos ADD COLUMN security_filter TEXT NOT NULL DEFAULT '[]'"
+
+
+def _decode_filter(text: str) -> tuple[str, ...]:
+    if not text:
+        return ()
+    value = json.loads(text)
+    return tuple(str(g) for g in value) if isinstance(value, list) else ()
 
 
 def _now_ms() -> int:
@@ -189,10 +202,27 @@ class _Reader:
 
     def gpo(self, gpo_id: str) -> Gpo | None:
         row = self.conn.execute(
-            "SELECT id, name, enabled, policy_id, description, revision FROM gpos WHERE id = ?", (gpo_id,)
+            "SELECT id, name, enabled, policy_id, description, revision, security_filter FROM gpos WHERE id = ?",
+            (gpo_id,),
         ).fetchone()
-        return (
-            None if row is None else Gpo(str(row[0]), str(row[1]), bool(row[2]), str(row[3]), str(row[4]), int(row[5]))
+        if row is None:
+            return None
+        return Gpo(
+            str(row[0]),
+            str(row[1]),
+            bool(row[2]),
+            str(row[3]),
+            str(row[4]),
+            int(row[5]),
+            security_filter=_decode_filter(str(row[6])),
+        )
+
+    def gpos_filtering_on(self, group_key: str) -> list[str]:
+        """Names of the GPOs whose security filter names the group."""
+        rows = self.conn.execute("SELECT name, security_filter FROM gpos WHERE security_filter != '[]'").fetchall()
+        return sorted(
+            (str(r[0]) for r in rows if any(key_of(g) == group_key for g in _decode_filter(str(r[1])))),
+            key=key_of,
         )
 
     def gpo_by_name(self, name: str) -> Gpo | None:
@@ -325,11 +355,21 @@ class SqliteTopologyStore(TopologyStore):
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 for statement in _split_sql(_SCHEMA_V1):
                     conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("PRAGMA user_version = 1")
+            self._migrate(conn)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Bring a v1 file to the current schema (inside the open transaction): add what is missing."""
+        columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(gpos)").fetchall()}
+        if "security_filter" not in columns:
+            conn.execute(_GPO_FILTER_COLUMN)
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -624,18 +664,43 @@ class _Writer:
                 raise ValidationError(Violation(path, "policy", f'"{obj.policy_id}" is not a policy id')) from None
             if self.policy_exists is not None and not self.policy_exists(policy_id):
                 raise ValidationError(Violation(path, "policy", f"there is no IPsec policy with id {policy_id}"))
+        security_filter: list[str] = []
+        for group in obj.security_filter:
+            found_group = self.read.group(key_of(group))
+            if found_group is None:
+                raise ValidationError(
+                    Violation(path, "security_filter", f'there is no group "{group.strip()}" in the registry')
+                )
+            security_filter.append(found_group.name)
         owner = self.read.gpo_by_name(obj.name)
         if owner is not None and owner.id != gpo_id:
             raise ValidationError(Violation(path, "name", f'another GPO is already named "{owner.name}"'))
         current = self.read.gpo(gpo_id)
         self._check_revision(GPO, obj.name, current, obj.revision, upsert)
-        new = Gpo(gpo_id, obj.name, obj.enabled, policy_id, obj.description, self.revision)
+        new = Gpo(
+            gpo_id,
+            obj.name,
+            obj.enabled,
+            policy_id,
+            obj.description,
+            self.revision,
+            security_filter=canonical_filter(security_filter),
+        )
         if current is not None and dataclass_equal(current, new):
             return
         self.conn.execute(
-            "INSERT OR REPLACE INTO gpos (id, name, name_key, enabled, policy_id, description, revision)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (gpo_id, obj.name, key_of(obj.name), int(obj.enabled), policy_id, obj.description, self.revision),
+            "INSERT OR REPLACE INTO gpos (id, name, name_key, enabled, policy_id, description, revision,"
+            " security_filter) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                gpo_id,
+                obj.name,
+                key_of(obj.name),
+                int(obj.enabled),
+                policy_id,
+                obj.description,
+                self.revision,
+                json.dumps(list(new.security_filter)),
+            ),
         )
         self._record(GPO, gpo_id, current, new)
 
@@ -792,6 +857,13 @@ class _Writer:
             members = self.read.count("SELECT count(*) FROM computer_groups WHERE group_key = ?", key)
             if members:
                 raise InUseError(f'group "{m.key.strip()}" has {members} member(s); remove them first')
+            filtering = self.read.gpos_filtering_on(key)
+            if filtering:
+                more = f" and {len(filtering) - 1} more" if len(filtering) > 1 else ""
+                raise InUseError(
+                    f'group "{m.key.strip()}" is in the security filter of GPO "{filtering[0]}"{more}; '
+                    "change the filter first (policyagent gpo set NAME --filter-group G ... | --no-filter)"
+                )
             self.conn.execute("DELETE FROM groups WHERE key = ?", (key,))
             self._record(GROUP, key, group, None)
         elif m.kind == GPO:

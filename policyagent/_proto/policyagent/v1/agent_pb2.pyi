@@ -87,7 +87,7 @@ class LocalStatus(_message.Message):
     applied_version: _builtins.str
     """"" = nothing applied"""
     applied_source: _builtins.str
-    """"domain" | "local" | "persistent" | "none" """
+    """"domain" | "local" | "persistent" | "persistent+domain" | "persistent+local" | "none" """
     running_on_cache: _builtins.bool
     cache_since_unix_ms: _builtins.int
     last_nack_version: _builtins.str

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from policyagent._proto.policyagent.v1 import distribution_pb2 as policyagent_dot_v1_dot_distribution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpolicyagent/v1/assignment.proto\x12\x0epolicyagent.v1\x1a!policyagent/v1/distribution.proto\"x\n\x08\x43omputer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmembership\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\n\n\x02ou\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x0e\n\x06groups\x18\x06 \x03(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"b\n\x12OrganizationalUnit\x12\n\n\x02\x64n\x18\x01 \x01(\t\x12\x19\n\x11\x62lock_inheritance\x18\x02 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\";\n\x04Site\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"<\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"\x7f\n\x03Gpo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\x12\x11\n\tpolicy_id\x18\x04 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"i\n\x07GpoLink\x12\x0b\n\x03gpo\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\r\n\x05order\x18\x03 \x01(\r\x12\x10\n\x08\x65nforced\x18\x04 \x01(\x08\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x0e \x01(\x03\"\x91\x02\n\x08Topology\x12+\n\tcomputers\x18\x01 \x03(\x0b\x32\x18.policyagent.v1.Computer\x12/\n\x03ous\x18\x02 \x03(\x0b\x32\".policyagent.v1.OrganizationalUnit\x12#\n\x05sites\x18\x03 \x03(\x0b\x32\x14.policyagent.v1.Site\x12%\n\x06groups\x18\x04 \x03(\x0b\x32\x15.policyagent.v1.Group\x12!\n\x04gpos\x18\x05 \x03(\x0b\x32\x13.policyagent.v1.Gpo\x12&\n\x05links\x18\x06 \x03(\x0b\x32\x17.policyagent.v1.GpoLink\x12\x10\n\x08revision\x18\x07 \x01(\x03\"\x14\n\x12GetTopologyRequest\"[\n\x0eTopologyDelete\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.policyagent.v1.TopologyKind\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xed\x02\n\x10TopologyMutation\x12\x0e\n\x06upsert\x18\x01 \x01(\x08\x12\x30\n\x0cput_computer\x18\x02 \x01(\x0b\x32\x18.policyagent.v1.ComputerH\x00\x12\x34\n\x06put_ou\x18\x03 \x01(\x0b\x32\".policyagent.v1.OrganizationalUnitH\x00\x12(\n\x08put_site\x18\x04 \x01(\x0b\x32\x14.policyagent.v1.SiteH\x00\x12*\n\tput_group\x18\x05 \x01(\x0b\x32\x15.policyagent.v1.GroupH\x00\x12&\n\x07put_gpo\x18\x06 \x01(\x0b\x32\x13.policyagent.v1.GpoH\x00\x12+\n\x08put_link\x18\x07 \x01(\x0b\x32\x17.policyagent.v1.GpoLinkH\x00\x12\x30\n\x06\x64\x65lete\x18\x08 \x01(\x0b\x32\x1e.policyagent.v1.TopologyDeleteH\x00\x42\x04\n\x02op\"^\n\x14TopologyApplyRequest\x12\x33\n\tmutations\x18\x01 \x03(\x0b\x32 .policyagent.v1.TopologyMutation\x12\x11\n\toperation\x18\x02 \x01(\t\"\xa0\x01\n\x15TopologyApplyResponse\x12)\n\x07written\x18\x01 \x01(\x0b\x32\x18.policyagent.v1.Topology\x12/\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32\x1e.policyagent.v1.TopologyDelete\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x19\n\x11\x63hanged_computers\x18\x04 \x03(\t\"D\n\x13SetGpoPolicyRequest\x12\x0b\n\x03gpo\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"w\n\x0bRsopRequest\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x18\n\x0bplanning_ou\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rplanning_site\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x0e\n\x0c_planning_ouB\x10\n\x0e_planning_site\"\xda\x01\n\x04Rsop\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x12\n\nmembership\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\n\n\x02ou\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x10\n\x08planning\x18\x06 \x01(\x08\x12\x11\n\tpolicy_id\x18\x07 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\'\n\x05steps\x18\n \x03(\x0b\x32\x18.policyagent.v1.RsopStep\x12\x0f\n\x07version\x18\x0b \x01(\t\">\n\x1aListTopologyChangesRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\r\"\x97\x01\n\x0eTopologyChange\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\x0f\n\x07\x63ontext\x18\x08 \x01(\t\"N\n\x1bListTopologyChangesResponse\x12/\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1e.policyagent.v1.TopologyChange*\xbf\x01\n\x0cTopologyKind\x12\x1d\n\x19TOPOLOGY_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOPOLOGY_KIND_COMPUTER\x10\x01\x12\x14\n\x10TOPOLOGY_KIND_OU\x10\x02\x12\x16\n\x12TOPOLOGY_KIND_SITE\x10\x03\x12\x17\n\x13TOPOLOGY_KIND_GROUP\x10\x04\x12\x15\n\x11TOPOLOGY_KIND_GPO\x10\x05\x12\x16\n\x12TOPOLOGY_KIND_LINK\x10\x06\x32\xac\x03\n\x0f\x41ssignmentAdmin\x12K\n\x0bGetTopology\x12\".policyagent.v1.GetTopologyRequest\x1a\x18.policyagent.v1.Topology\x12T\n\x05\x41pply\x12$.policyagent.v1.TopologyApplyRequest\x1a%.policyagent.v1.TopologyApplyResponse\x12H\n\x0cSetGpoPolicy\x12#.policyagent.v1.SetGpoPolicyRequest\x1a\x13.policyagent.v1.Gpo\x12<\n\x07GetRsop\x12\x1b.policyagent.v1.RsopRequest\x1a\x14.policyagent.v1.Rsop\x12n\n\x13ListTopologyChanges\x12*.policyagent.v1.ListTopologyChangesRequest\x1a+.policyagent.v1.ListTopologyChangesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpolicyagent/v1/assignment.proto\x12\x0epolicyagent.v1\x1a!policyagent/v1/distribution.proto\"x\n\x08\x43omputer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmembership\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\n\n\x02ou\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x0e\n\x06groups\x18\x06 \x03(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"b\n\x12OrganizationalUnit\x12\n\n\x02\x64n\x18\x01 \x01(\t\x12\x19\n\x11\x62lock_inheritance\x18\x02 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\";\n\x04Site\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"<\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"\x98\x01\n\x03Gpo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\x12\x11\n\tpolicy_id\x18\x04 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x17\n\x0fsecurity_filter\x18\x07 \x03(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\"i\n\x07GpoLink\x12\x0b\n\x03gpo\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\r\n\x05order\x18\x03 \x01(\r\x12\x10\n\x08\x65nforced\x18\x04 \x01(\x08\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x0e \x01(\x03\"\x91\x02\n\x08Topology\x12+\n\tcomputers\x18\x01 \x03(\x0b\x32\x18.policyagent.v1.Computer\x12/\n\x03ous\x18\x02 \x03(\x0b\x32\".policyagent.v1.OrganizationalUnit\x12#\n\x05sites\x18\x03 \x03(\x0b\x32\x14.policyagent.v1.Site\x12%\n\x06groups\x18\x04 \x03(\x0b\x32\x15.policyagent.v1.Group\x12!\n\x04gpos\x18\x05 \x03(\x0b\x32\x13.policyagent.v1.Gpo\x12&\n\x05links\x18\x06 \x03(\x0b\x32\x17.policyagent.v1.GpoLink\x12\x10\n\x08revision\x18\x07 \x01(\x03\"\x14\n\x12GetTopologyRequest\"[\n\x0eTopologyDelete\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.policyagent.v1.TopologyKind\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xed\x02\n\x10TopologyMutation\x12\x0e\n\x06upsert\x18\x01 \x01(\x08\x12\x30\n\x0cput_computer\x18\x02 \x01(\x0b\x32\x18.policyagent.v1.ComputerH\x00\x12\x34\n\x06put_ou\x18\x03 \x01(\x0b\x32\".policyagent.v1.OrganizationalUnitH\x00\x12(\n\x08put_site\x18\x04 \x01(\x0b\x32\x14.policyagent.v1.SiteH\x00\x12*\n\tput_group\x18\x05 \x01(\x0b\x32\x15.policyagent.v1.GroupH\x00\x12&\n\x07put_gpo\x18\x06 \x01(\x0b\x32\x13.policyagent.v1.GpoH\x00\x12+\n\x08put_link\x18\x07 \x01(\x0b\x32\x17.policyagent.v1.GpoLinkH\x00\x12\x30\n\x06\x64\x65lete\x18\x08 \x01(\x0b\x32\x1e.policyagent.v1.TopologyDeleteH\x00\x42\x04\n\x02op\"^\n\x14TopologyApplyRequest\x12\x33\n\tmutations\x18\x01 \x03(\x0b\x32 .policyagent.v1.TopologyMutation\x12\x11\n\toperation\x18\x02 \x01(\t\"\xa0\x01\n\x15TopologyApplyResponse\x12)\n\x07written\x18\x01 \x01(\x0b\x32\x18.policyagent.v1.Topology\x12/\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32\x1e.policyagent.v1.TopologyDelete\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x19\n\x11\x63hanged_computers\x18\x04 \x03(\t\"D\n\x13SetGpoPolicyRequest\x12\x0b\n\x03gpo\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xc2\x01\n\x0bRsopRequest\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x18\n\x0bplanning_ou\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rplanning_site\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1c\n\x0fplanning_domain\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x17\n\x0fplanning_groups\x18\x05 \x03(\tB\x0e\n\x0c_planning_ouB\x10\n\x0e_planning_siteB\x12\n\x10_planning_domain\"\x80\x02\n\x04Rsop\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x12\n\nmembership\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\n\n\x02ou\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x10\n\x08planning\x18\x06 \x01(\x08\x12\x11\n\tpolicy_id\x18\x07 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\'\n\x05steps\x18\n \x03(\x0b\x32\x18.policyagent.v1.RsopStep\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x14\n\x0cunregistered\x18\x0c \x01(\x08\x12\x0e\n\x06groups\x18\r \x03(\t\">\n\x1aListTopologyChangesRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\r\"\x97\x01\n\x0eTopologyChange\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x03\x12\x0f\n\x07\x63ontext\x18\x08 \x01(\t\"N\n\x1bListTopologyChangesResponse\x12/\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1e.policyagent.v1.TopologyChange*\xbf\x01\n\x0cTopologyKind\x12\x1d\n\x19TOPOLOGY_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOPOLOGY_KIND_COMPUTER\x10\x01\x12\x14\n\x10TOPOLOGY_KIND_OU\x10\x02\x12\x16\n\x12TOPOLOGY_KIND_SITE\x10\x03\x12\x17\n\x13TOPOLOGY_KIND_GROUP\x10\x04\x12\x15\n\x11TOPOLOGY_KIND_GPO\x10\x05\x12\x16\n\x12TOPOLOGY_KIND_LINK\x10\x06\x32\xac\x03\n\x0f\x41ssignmentAdmin\x12K\n\x0bGetTopology\x12\".policyagent.v1.GetTopologyRequest\x1a\x18.policyagent.v1.Topology\x12T\n\x05\x41pply\x12$.policyagent.v1.TopologyApplyRequest\x1a%.policyagent.v1.TopologyApplyResponse\x12H\n\x0cSetGpoPolicy\x12#.policyagent.v1.SetGpoPolicyRequest\x1a\x13.policyagent.v1.Gpo\x12<\n\x07GetRsop\x12\x1b.policyagent.v1.RsopRequest\x1a\x14.policyagent.v1.Rsop\x12n\n\x13ListTopologyChanges\x12*.policyagent.v1.ListTopologyChangesRequest\x1a+.policyagent.v1.ListTopologyChangesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policyagent.v1.assignment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOPOLOGYKIND']._serialized_start=2396
-  _globals['_TOPOLOGYKIND']._serialized_end=2587
+  _globals['_TOPOLOGYKIND']._serialized_start=2536
+  _globals['_TOPOLOGYKIND']._serialized_end=2727
   _globals['_COMPUTER']._serialized_start=86
   _globals['_COMPUTER']._serialized_end=206
   _globals['_ORGANIZATIONALUNIT']._serialized_start=208
@@ -42,34 +42,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SITE']._serialized_end=367
   _globals['_GROUP']._serialized_start=369
   _globals['_GROUP']._serialized_end=429
-  _globals['_GPO']._serialized_start=431
-  _globals['_GPO']._serialized_end=558
-  _globals['_GPOLINK']._serialized_start=560
-  _globals['_GPOLINK']._serialized_end=665
-  _globals['_TOPOLOGY']._serialized_start=668
-  _globals['_TOPOLOGY']._serialized_end=941
-  _globals['_GETTOPOLOGYREQUEST']._serialized_start=943
-  _globals['_GETTOPOLOGYREQUEST']._serialized_end=963
-  _globals['_TOPOLOGYDELETE']._serialized_start=965
-  _globals['_TOPOLOGYDELETE']._serialized_end=1056
-  _globals['_TOPOLOGYMUTATION']._serialized_start=1059
-  _globals['_TOPOLOGYMUTATION']._serialized_end=1424
-  _globals['_TOPOLOGYAPPLYREQUEST']._serialized_start=1426
-  _globals['_TOPOLOGYAPPLYREQUEST']._serialized_end=1520
-  _globals['_TOPOLOGYAPPLYRESPONSE']._serialized_start=1523
-  _globals['_TOPOLOGYAPPLYRESPONSE']._serialized_end=1683
-  _globals['_SETGPOPOLICYREQUEST']._serialized_start=1685
-  _globals['_SETGPOPOLICYREQUEST']._serialized_end=1753
-  _globals['_RSOPREQUEST']._serialized_start=1755
-  _globals['_RSOPREQUEST']._serialized_end=1874
-  _globals['_RSOP']._serialized_start=1877
-  _globals['_RSOP']._serialized_end=2095
-  _globals['_LISTTOPOLOGYCHANGESREQUEST']._serialized_start=2097
-  _globals['_LISTTOPOLOGYCHANGESREQUEST']._serialized_end=2159
-  _globals['_TOPOLOGYCHANGE']._serialized_start=2162
-  _globals['_TOPOLOGYCHANGE']._serialized_end=2313
-  _globals['_LISTTOPOLOGYCHANGESRESPONSE']._serialized_start=2315
-  _globals['_LISTTOPOLOGYCHANGESRESPONSE']._serialized_end=2393
-  _globals['_ASSIGNMENTADMIN']._serialized_start=2590
-  _globals['_ASSIGNMENTADMIN']._serialized_end=3018
+  _globals['_GPO']._serialized_start=432
+  _globals['_GPO']._serialized_end=584
+  _globals['_GPOLINK']._serialized_start=586
+  _globals['_GPOLINK']._serialized_end=691
+  _globals['_TOPOLOGY']._serialized_start=694
+  _globals['_TOPOLOGY']._serialized_end=967
+  _globals['_GETTOPOLOGYREQUEST']._serialized_start=969
+  _globals['_GETTOPOLOGYREQUEST']._serialized_end=989
+  _globals['_TOPOLOGYDELETE']._serialized_start=991
+  _globals['_TOPOLOGYDELETE']._serialized_end=1082
+  _globals['_TOPOLOGYMUTATION']._serialized_start=1085
+  _globals['_TOPOLOGYMUTATION']._serialized_end=1450
+  _globals['_TOPOLOGYAPPLYREQUEST']._serialized_start=1452
+  _globals['_TOPOLOGYAPPLYREQUEST']._serialized_end=1546
+  _globals['_TOPOLOGYAPPLYRESPONSE']._serialized_start=1549
+  _globals['_TOPOLOGYAPPLYRESPONSE']._serialized_end=1709
+  _globals['_SETGPOPOLICYREQUEST']._serialized_start=1711
+  _globals['_SETGPOPOLICYREQUEST']._serialized_end=1779
+  _globals['_RSOPREQUEST']._serialized_start=1782
+  _globals['_RSOPREQUEST']._serialized_end=1976
+  _globals['_RSOP']._serialized_start=1979
+  _globals['_RSOP']._serialized_end=2235
+  _globals['_LISTTOPOLOGYCHANGESREQUEST']._serialized_start=2237
+  _globals['_LISTTOPOLOGYCHANGESREQUEST']._serialized_end=2299
+  _globals['_TOPOLOGYCHANGE']._serialized_start=2302
+  _globals['_TOPOLOGYCHANGE']._serialized_end=2453
+  _globals['_LISTTOPOLOGYCHANGESRESPONSE']._serialized_start=2455
+  _globals['_LISTTOPOLOGYCHANGESRESPONSE']._serialized_end=2533
+  _globals['_ASSIGNMENTADMIN']._serialized_start=2730
+  _globals['_ASSIGNMENTADMIN']._serialized_end=3158
 # @@protoc_insertion_point(module_scope)

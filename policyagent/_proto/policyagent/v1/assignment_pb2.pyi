@@ -182,6 +182,7 @@ class Gpo(_message.Message):
     POLICY_ID_FIELD_NUMBER: _builtins.int
     POLICY_NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SECURITY_FILTER_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """GUID; empty on create = a new one"""
@@ -193,6 +194,12 @@ class Gpo(_message.Message):
     """read only"""
     description: _builtins.str
     revision: _builtins.int
+    @_builtins.property
+    def security_filter(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Security filtering ("Apply Group Policy"): the GPO applies only to computers in at
+        least one of these registry groups; empty = every computer.
+        """
+
     def __init__(
         self,
         *,
@@ -202,11 +209,12 @@ class Gpo(_message.Message):
         policy_id: _builtins.str = ...,
         policy_name: _builtins.str = ...,
         description: _builtins.str = ...,
+        security_filter: _abc.Iterable[_builtins.str] | None = ...,
         revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enabled", b"enabled", "id", b"id", "name", b"name", "policy_id", b"policy_id", "policy_name", b"policy_name", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "enabled", b"enabled", "id", b"id", "name", b"name", "policy_id", b"policy_id", "policy_name", b"policy_name", "revision", b"revision", "security_filter", b"security_filter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -478,25 +486,41 @@ class RsopRequest(_message.Message):
     COMPUTER_FIELD_NUMBER: _builtins.int
     PLANNING_OU_FIELD_NUMBER: _builtins.int
     PLANNING_SITE_FIELD_NUMBER: _builtins.int
+    PLANNING_DOMAIN_FIELD_NUMBER: _builtins.int
+    PLANNING_GROUPS_FIELD_NUMBER: _builtins.int
     computer: _builtins.str
     planning_ou: _builtins.str
     """Planning mode. Unset: the computer as registered; "" clears (no OU / no site)."""
     planning_site: _builtins.str
+    planning_domain: _builtins.str
+    """For a computer that is not in the registry (planning_ou or planning_domain required):
+    a hypothetical domain member of this domain (default: the planning OU's domain).
+    """
+    @_builtins.property
+    def planning_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its groups (security filtering); for a registered computer, non-empty replaces its groups."""
+
     def __init__(
         self,
         *,
         computer: _builtins.str = ...,
         planning_ou: _builtins.str | None = ...,
         planning_site: _builtins.str | None = ...,
+        planning_domain: _builtins.str | None = ...,
+        planning_groups: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_planning_ou", b"_planning_ou", "_planning_site", b"_planning_site", "planning_ou", b"planning_ou", "planning_site", b"planning_site"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_planning_domain", b"_planning_domain", "_planning_ou", b"_planning_ou", "_planning_site", b"_planning_site", "planning_domain", b"planning_domain", "planning_ou", b"planning_ou", "planning_site", b"planning_site"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_planning_ou", b"_planning_ou", "_planning_site", b"_planning_site", "computer", b"computer", "planning_ou", b"planning_ou", "planning_site", b"planning_site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_planning_domain", b"_planning_domain", "_planning_ou", b"_planning_ou", "_planning_site", b"_planning_site", "computer", b"computer", "planning_domain", b"planning_domain", "planning_groups", b"planning_groups", "planning_ou", b"planning_ou", "planning_site", b"planning_site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__planning_domain: _TypeAlias = _typing.Literal["planning_domain"]  # noqa: Y015
+    _WhichOneofArgType__planning_domain: _TypeAlias = _typing.Literal["_planning_domain", b"_planning_domain"]  # noqa: Y015
     _WhichOneofReturnType__planning_ou: _TypeAlias = _typing.Literal["planning_ou"]  # noqa: Y015
     _WhichOneofArgType__planning_ou: _TypeAlias = _typing.Literal["_planning_ou", b"_planning_ou"]  # noqa: Y015
     _WhichOneofReturnType__planning_site: _TypeAlias = _typing.Literal["planning_site"]  # noqa: Y015
     _WhichOneofArgType__planning_site: _TypeAlias = _typing.Literal["_planning_site", b"_planning_site"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__planning_domain) -> _WhichOneofReturnType__planning_domain | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__planning_ou) -> _WhichOneofReturnType__planning_ou | None: ...
     @_typing.overload
@@ -519,6 +543,8 @@ class Rsop(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    UNREGISTERED_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     computer: _builtins.str
     membership: _builtins.str
     domain: _builtins.str
@@ -533,9 +559,15 @@ class Rsop(_message.Message):
     """"domain" | "none" """
     version: _builtins.str
     """the effective policy version (not in planning mode)"""
+    unregistered: _builtins.bool
+    """planning result for a computer that is not in the registry"""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[_distribution_pb2.RsopStep]:
         """highest precedence first"""
+
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the computer's groups (as used)"""
 
     def __init__(
         self,
@@ -551,10 +583,12 @@ class Rsop(_message.Message):
         source: _builtins.str = ...,
         steps: _abc.Iterable[_distribution_pb2.RsopStep] | None = ...,
         version: _builtins.str = ...,
+        unregistered: _builtins.bool = ...,
+        groups: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer", b"computer", "domain", b"domain", "membership", b"membership", "ou", b"ou", "planning", b"planning", "policy_id", b"policy_id", "policy_name", b"policy_name", "site", b"site", "source", b"source", "steps", b"steps", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer", b"computer", "domain", b"domain", "groups", b"groups", "membership", b"membership", "ou", b"ou", "planning", b"planning", "policy_id", b"policy_id", "policy_name", b"policy_name", "site", b"site", "source", b"source", "steps", b"steps", "unregistered", b"unregistered", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
