@@ -15,6 +15,8 @@ from policyagent._proto.policyagent.v1 import enrollment_pb2 as enroll_pb
 from policyagent._proto.policyagent.v1 import enrollment_pb2_grpc as enroll_grpc
 from policyagent._proto.policyagent.v1 import fleet_pb2 as fleet_pb
 from policyagent._proto.policyagent.v1 import fleet_pb2_grpc as fleet_grpc
+from policyagent._proto.policyagent.v1 import identity_pb2 as identity_pb
+from policyagent._proto.policyagent.v1 import identity_pb2_grpc as identity_grpc
 from policyagent._proto.policyagent.v1 import policy_pb2 as pb
 
 # Stores with thousands of policies exceed gRPC's 4 MB default in GetStore/export.
@@ -39,5 +41,7 @@ __all__ = [
     "enroll_pb",
     "fleet_grpc",
     "fleet_pb",
+    "identity_grpc",
+    "identity_pb",
     "pb",
 ]

@@ -1,10 +1,16 @@
-"""`policyagent admin-cert | host-cert | join-token | ca`: identity commands, run on the server host.
+"""`policyagent admin-cert | host-cert | join-token | ca`: identity commands.
 
-They work directly on the server's data directory (they need the CA key, which
-never leaves it), whether or not the server runs. A revocation is signalled to
-a running server (SIGHUP to the pid in its lock file), which applies it at once:
-calls with that certificate are refused and subscribers (the distribution hub)
-close its streams.
+By default they work directly on the server's data directory, on the server host
+(issuing needs the CA key, which never leaves it), whether or not the server
+runs. A revocation is signalled to a running server (SIGHUP to the pid in its
+lock file), which applies it at once: calls with that certificate are refused
+and subscribers (the distribution hub) close its streams.
+
+`join-token create`, `host-cert revoke|list` and `admin-cert revoke|list` also
+take `-r/--server HOST:PORT` (and `--cert-dir`): they then ask a running server
+over mTLS with an admin certificate (the IdentityAdmin service), which runs the
+same operations below (`create_join_token`, `revoke`, `certificates`) on its own
+identity database and applies a revocation at once.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
-from policyagent.pki.ca import PkiError, check_name, fingerprint
-from policyagent.pki.identity import IDENTITY_FILE, IdentityStore
+from policyagent.pki.ca import PkiError, Role, check_name, fingerprint
+from policyagent.pki.identity import IDENTITY_FILE, CertRecord, IdentityStore, Peer
 
 DEFAULT_DATA_DIR = "./policyagent-data"
 LOCK_FILE = "server.lock"  # policyagent.server.app.LOCK_FILE
@@ -91,48 +97,132 @@ def _admin_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _revoke(role: str, args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
-    identity = IdentityStore(data_dir / IDENTITY_FILE)
-    try:
-        peers = identity.revoke("admin" if role == "admin" else "agent", args.name)
-    finally:
-        identity.close()
+# ------------------------------------------------------------ the operations
+# Shared by the local commands (on the data directory) and the IdentityAdmin
+# service (policyagent/server/identity.py, on the running server's store thread).
+
+
+class JoinToken(NamedTuple):
+    token: str
+    computer: str
+    expires_ms: int
+    domain: str  # "" = a workgroup machine
+
+
+def create_join_token(
+    identity: IdentityStore, computer: str, ttl_s: float, *, created_by: str, domain: str = ""
+) -> JoinToken:
+    """A one-time join token for `computer` (bound lower case); PkiError for a bad name or lifetime."""
+    computer, domain = computer.lower(), domain.lower()
+    token, expires = identity.create_join_token(computer, ttl_s, created_by=created_by, domain=domain)
+    return JoinToken(token, computer, expires, domain)
+
+
+def revoke(identity: IdentityStore, role: Literal["agent", "admin"], name: str) -> list[Peer]:
+    """Revoke every valid certificate of this computer (agent) or admin; PkiError if it has none.
+
+    Only the database: the caller then makes the running server apply it (SIGHUP, or
+    `PolicyServer.reload_revocations` when the server itself runs this).
+    """
+    return identity.revoke(role, name)
+
+
+def certificates(identity: IdentityStore, role: Role | None) -> list[CertRecord]:
+    """The certificates the CA issued, of one role (None: all)."""
+    return identity.certificates(role)
+
+
+# ------------------------------------------------------------ printing
+
+
+def _print_revoked(role: str, name: str, serials: list[str], outcome: str) -> None:
     what = "admin" if role == "admin" else "computer"
-    serials = ", ".join(f"{p.serial:x}" for p in peers)
-    print(f"revoked {what} {args.name}: {len(peers)} certificate(s) ({serials}); {notify_server(data_dir)}")
-    return 0
+    print(f"revoked {what} {name}: {len(serials)} certificate(s) ({', '.join(serials)}); {outcome}")
 
 
-def _list(role: str, args: argparse.Namespace) -> int:
-    identity = IdentityStore(_data_dir(args) / IDENTITY_FILE)
-    try:
-        records = identity.certificates("admin" if role == "admin" else "agent")
-    finally:
-        identity.close()
+def _print_records(records: list[CertRecord]) -> None:
     for rec in records:
         state = "valid" if rec.revoked_ms is None else f"revoked {_iso(rec.revoked_ms)} ({rec.revoke_reason})"
         issued, expires = _iso(rec.issued_ms), _iso(rec.not_after_ms)
         print(f"{rec.name}\tserial {rec.serial:x}\tissued {issued}\texpires {expires}\t{state}")
+
+
+def _print_join_token(created: JoinToken) -> None:
+    # The token alone on stdout (scripts capture it); the explanation on stderr.
+    print(created.token)
+    member = f"a member of domain {created.domain}" if created.domain else "a workgroup machine"
+    print(
+        f"one-time join token for computer {created.computer} ({member}), valid until {_iso(created.expires_ms)}",
+        file=sys.stderr,
+    )
+
+
+# ------------------------------------------------------------ handlers
+
+
+def _remote(args: argparse.Namespace) -> Any:
+    """The IdentityAdmin client for -r/--server (None without it: work on the data directory)."""
+    if not getattr(args, "server", None):
+        return None
+    from clients.identity.client import IdentityClient
+    from clients.netsh.client import server_target
+
+    return IdentityClient(server_target(args.server), cert_dir=args.cert_dir)
+
+
+def _revoke(role: Literal["agent", "admin"], args: argparse.Namespace) -> int:
+    client = _remote(args)
+    if client is not None:
+        try:
+            serials = client.revoke(role, args.name)
+        finally:
+            client.close()
+        _print_revoked(role, args.name, serials, f"the server at {client.target} applied it at once")
+        return 0
+    data_dir = _data_dir(args)
+    identity = IdentityStore(data_dir / IDENTITY_FILE)
+    try:
+        peers = revoke(identity, role, args.name)
+    finally:
+        identity.close()
+    _print_revoked(role, args.name, [f"{p.serial:x}" for p in peers], notify_server(data_dir))
+    return 0
+
+
+def _list(role: Literal["agent", "admin"], args: argparse.Namespace) -> int:
+    client = _remote(args)
+    if client is not None:
+        try:
+            records = client.certificates(role)
+        finally:
+            client.close()
+    else:
+        identity = IdentityStore(_data_dir(args) / IDENTITY_FILE)
+        try:
+            records = certificates(identity, role)
+        finally:
+            identity.close()
+    _print_records(records)
     return 0
 
 
 def _join_token(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
-    identity = IdentityStore(data_dir / IDENTITY_FILE)
-    try:
-        token, expires = identity.create_join_token(
-            args.computer.lower(), parse_ttl(args.ttl), created_by=f"uid{os.getuid()}", domain=args.domain or ""
-        )
-    finally:
-        identity.close()
-    # The token alone on stdout (scripts capture it); the explanation on stderr.
-    print(token)
-    member = f"a member of domain {args.domain}" if args.domain else "a workgroup machine"
-    print(
-        f"one-time join token for computer {args.computer.lower()} ({member}), valid until {_iso(expires)}",
-        file=sys.stderr,
-    )
+    ttl = parse_ttl(args.ttl)
+    client = _remote(args)
+    if client is not None:
+        try:
+            created = client.create_join_token(args.computer, ttl, args.domain or "")
+        finally:
+            client.close()
+    else:
+        identity = IdentityStore(_data_dir(args) / IDENTITY_FILE)
+        try:
+            created = create_join_token(
+                identity, args.computer, ttl, created_by=f"uid{os.getuid()}", domain=args.domain or ""
+            )
+        finally:
+            identity.close()
+    _print_join_token(created)
     return 0
 
 
@@ -152,6 +242,20 @@ def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _target_args(parser: argparse.ArgumentParser) -> None:
+    """--data-dir (on the server host), or -r/--server and --cert-dir (from anywhere, with an admin certificate)."""
+    _data_dir_arg(parser)
+    parser.add_argument(
+        "-r", "--server", metavar="HOST:PORT",
+        help="ask this running server over mTLS with an admin certificate, instead of using --data-dir",
+    )
+    parser.add_argument(
+        "--cert-dir",
+        metavar="DIR",
+        help="with --server: the admin certificate directory (admin.crt, admin.key, ca.crt)",
+    )
+
+
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
@@ -165,10 +269,10 @@ def add_admin_cert(subparsers: Subparsers) -> None:
     issue.set_defaults(handler=_admin_issue)
     revoke = sub.add_parser("revoke", help="revoke every certificate of an admin, at once")
     revoke.add_argument("name", metavar="NAME")
-    _data_dir_arg(revoke)
+    _target_args(revoke)
     revoke.set_defaults(handler=lambda args: _revoke("admin", args))
     listing = sub.add_parser("list", help="list admin certificates")
-    _data_dir_arg(listing)
+    _target_args(listing)
     listing.set_defaults(handler=lambda args: _list("admin", args))
 
 
@@ -179,10 +283,10 @@ def add_host_cert(subparsers: Subparsers) -> None:
         "revoke", help="revoke a computer's host certificate: its agent is cut off at once and must re-enroll"
     )
     revoke.add_argument("name", metavar="COMPUTER")
-    _data_dir_arg(revoke)
+    _target_args(revoke)
     revoke.set_defaults(handler=lambda args: _revoke("agent", args))
     listing = sub.add_parser("list", help="list host certificates")
-    _data_dir_arg(listing)
+    _target_args(listing)
     listing.set_defaults(handler=lambda args: _list("agent", args))
 
 
@@ -195,7 +299,7 @@ def add_join_token(subparsers: Subparsers) -> None:
     create.add_argument(
         "--domain", metavar="DNSDOMAIN", help="the computer is a member of this domain (default: workgroup machine)"
     )
-    _data_dir_arg(create)
+    _target_args(create)
     create.set_defaults(handler=_join_token)
 
 

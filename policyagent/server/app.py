@@ -53,6 +53,8 @@ from policyagent.server.hub import (
     Hub,
     attach_distribution,
 )
+from policyagent.server.identity import SERVICE_NAME as IDENTITY_SERVICE
+from policyagent.server.identity import IdentityAdminServicer, add_identity_to_server
 from policyagent.store.base import PolicyStore
 from policyagent.store.sqlite import SqliteStore
 
@@ -357,6 +359,10 @@ class PolicyServer:
             )
             add_to_server(PolicyAdminServicer(self._store, self._executor), server)
             add_assignment_to_server(self.assignment, server, self._executor)
+            # Join tokens, revocation and the certificate list for remote admins (same thread as the store).
+            add_identity_to_server(
+                IdentityAdminServicer(pki.identity, self._executor, self.reload_revocations), server
+            )
             # Distribution (agents' streams) and Fleet (admin status): policyagent/server/hub.py.
             self.hub = attach_distribution(
                 server, effective=self.assignment.effective, data_dir=data_dir, revocations=pki.revocations
@@ -371,6 +377,7 @@ class PolicyServer:
                 [
                     SERVICE_NAME,
                     ASSIGNMENT_SERVICE,
+                    IDENTITY_SERVICE,
                     ENROLLMENT_SERVICE,
                     DISTRIBUTION_SERVICE,
                     FLEET_SERVICE,
