@@ -456,8 +456,36 @@ class TopologyView(Protocol):
         ...
 
 
+class KeyedLookups:
+    """The TopologyView lookups over dicts keyed as the registry keys them (names by key_of, DNs casefolded).
+
+    Shared by the immutable `Topology` and the server's mutable live index; each adds `links_at`.
+    """
+
+    computers: Mapping[str, Computer]
+    ous: Mapping[str, OrgUnit]
+    sites: Mapping[str, Site]
+    groups: Mapping[str, Group]
+    gpos: Mapping[str, Gpo]
+
+    def computer(self, name: str) -> Computer | None:
+        return self.computers.get(key_of(name))
+
+    def org_unit(self, dn: str) -> OrgUnit | None:
+        return self.ous.get(dn.casefold())
+
+    def site(self, name: str) -> Site | None:
+        return self.sites.get(key_of(name))
+
+    def gpo(self, gpo_id: str) -> Gpo | None:
+        return self.gpos.get(gpo_id)
+
+    def group(self, name: str) -> Group | None:
+        return self.groups.get(key_of(name))
+
+
 @dataclass(frozen=True)
-class Topology:
+class Topology(KeyedLookups):
     """An immutable snapshot of the registry: what `resolve` runs over in tests and planning."""
 
     computers: Mapping[str, Computer] = field(default_factory=dict)  # by key_of(name)
@@ -484,21 +512,6 @@ class Topology:
             gpos={g.id: g for g in gpos},
             links=tuple(links),
         )
-
-    def computer(self, name: str) -> Computer | None:
-        return self.computers.get(key_of(name))
-
-    def org_unit(self, dn: str) -> OrgUnit | None:
-        return self.ous.get(dn.casefold())
-
-    def site(self, name: str) -> Site | None:
-        return self.sites.get(key_of(name))
-
-    def gpo(self, gpo_id: str) -> Gpo | None:
-        return self.gpos.get(gpo_id)
-
-    def group(self, name: str) -> Group | None:
-        return self.groups.get(key_of(name))
 
     def links_at(self, scope: Scope) -> list[GpoLink]:
         return sorted((lk for lk in self.links if lk.scope.key == scope.key), key=lambda lk: lk.order)

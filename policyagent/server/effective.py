@@ -56,6 +56,7 @@ from policyagent.model.assignment import (
     Gpo,
     GpoLink,
     Group,
+    KeyedLookups,
     OrgUnit,
     Resolution,
     Scope,
@@ -90,7 +91,7 @@ ChangeCallback = Callable[[frozenset[str]], None]
 # ------------------------------------------------------------------ live topology
 
 
-class LiveTopology:
+class LiveTopology(KeyedLookups):
     """A mutable TopologyView with the indexes incremental recomputation needs."""
 
     def __init__(self, topology: Topology) -> None:
@@ -117,22 +118,7 @@ class LiveTopology:
         for link in topology.links:
             self.put_link(link)
 
-    # TopologyView
-    def computer(self, name: str) -> Computer | None:
-        return self.computers.get(key_of(name))
-
-    def org_unit(self, dn: str) -> OrgUnit | None:
-        return self.ous.get(dn.casefold())
-
-    def site(self, name: str) -> Site | None:
-        return self.sites.get(key_of(name))
-
-    def gpo(self, gpo_id: str) -> Gpo | None:
-        return self.gpos.get(gpo_id)
-
-    def group(self, name: str) -> Group | None:
-        return self.groups.get(key_of(name))
-
+    # TopologyView (the lookups come from KeyedLookups)
     def links_at(self, scope: Scope) -> list[GpoLink]:
         return sorted(self._links.get(scope.key, {}).values(), key=lambda lk: lk.order)
 
