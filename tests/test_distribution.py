@@ -27,11 +27,16 @@ def pki(tmp_path: Path) -> Pki:
     return Pki.create(tmp_path)
 
 
-def _admin_channel(pki: Pki, address: str) -> aio.Channel:
-    state, _ = pki.agent_dir("admin1", role="admin")
-    creds = grpc.ssl_channel_credentials(
+def _credentials(state: Path) -> grpc.ChannelCredentials:
+    """mTLS credentials from a certificate directory the Pki fixture wrote."""
+    return grpc.ssl_channel_credentials(
         (state / "ca.crt").read_bytes(), (state / "host.key").read_bytes(), (state / "host.crt").read_bytes()
     )
+
+
+def _admin_channel(pki: Pki, address: str) -> aio.Channel:
+    state, _ = pki.agent_dir("admin1", role="admin")
+    creds = _credentials(state)
     return aio.secure_channel(address, creds)
 
 
@@ -188,9 +193,7 @@ def test_agent_cannot_call_fleet_and_admin_cannot_stream(tmp_path: Path, pki: Pk
         hub = HubServer(tmp_path, eff, pki)
         address = await hub.start()
         state, _ = pki.agent_dir("pc1")
-        creds = grpc.ssl_channel_credentials(
-            (state / "ca.crt").read_bytes(), (state / "host.key").read_bytes(), (state / "host.crt").read_bytes()
-        )
+        creds = _credentials(state)
         try:
             async with aio.secure_channel(address, creds) as channel:
                 with pytest.raises(aio.AioRpcError) as info:
@@ -216,9 +219,7 @@ def test_hello_with_current_version_is_confirmed_unchanged(tmp_path: Path, pki: 
         hub = HubServer(tmp_path, eff, pki)
         address = await hub.start()
         state, _ = pki.agent_dir("pc1")
-        creds = grpc.ssl_channel_credentials(
-            (state / "ca.crt").read_bytes(), (state / "host.key").read_bytes(), (state / "host.crt").read_bytes()
-        )
+        creds = _credentials(state)
         try:
             async with aio.secure_channel(address, creds) as channel:
                 call = dist_grpc.DistributionStub(channel).Stream()
@@ -248,9 +249,7 @@ def test_first_message_must_be_hello(tmp_path: Path, pki: Pki) -> None:
         hub = HubServer(tmp_path, eff, pki)
         address = await hub.start()
         state, _ = pki.agent_dir("pc1")
-        creds = grpc.ssl_channel_credentials(
-            (state / "ca.crt").read_bytes(), (state / "host.key").read_bytes(), (state / "host.crt").read_bytes()
-        )
+        creds = _credentials(state)
         try:
             async with aio.secure_channel(address, creds) as channel:
                 call = dist_grpc.DistributionStub(channel).Stream()
@@ -306,9 +305,7 @@ def test_idle_stream_gets_keepalives_within_the_interval(tmp_path: Path, pki: Pk
         hub = HubServer(tmp_path, eff, pki, keepalive_s=0.4)
         address = await hub.start()
         state, _ = pki.agent_dir("pc1")
-        creds = grpc.ssl_channel_credentials(
-            (state / "ca.crt").read_bytes(), (state / "host.key").read_bytes(), (state / "host.crt").read_bytes()
-        )
+        creds = _credentials(state)
         try:
             async with aio.secure_channel(address, creds) as channel:
                 call = dist_grpc.DistributionStub(channel).Stream()
