@@ -296,6 +296,8 @@ class AgentProc:
                     str(self.state_dir),
                     "--backoff-max",
                     "0.5",
+                    "--enforcer",
+                    "record-only",  # 20 agents share this namespace: nothing here may touch its filters
                     *extra,
                 ],
                 stdout=subprocess.PIPE,

@@ -23,8 +23,8 @@ def add_agent(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="run the agent (enroll first if needed)",
         description=(
             "Run the policyagent agent: keep one mTLS stream to the policy server, apply the effective "
-            "policy it pushes (today with the record-only enforcer, which enforces nothing), ACK or NACK "
-            "each version, cache the last good policy, and serve the local admin API on STATE_DIR/agent.sock."
+            "policy it pushes (with strongSwan and nftables, or the explicit record-only enforcer), ACK or "
+            "NACK each version, cache the last good policy, and serve the local admin API on STATE_DIR/agent.sock."
         ),
     )
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the policy server")
@@ -52,6 +52,13 @@ def add_agent(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--poll-interval", type=float, metavar="SECONDS", help="polling fallback (default: the policy's interval)"
     )
     tuning.add_argument("--server-name", default="", help="TLS name of the server when HOST is not in its certificate")
+    parser.add_argument(
+        "--enforcer",
+        choices=("auto", "strongswan", "record-only"),
+        default="auto",
+        help="auto (default): strongSwan + nftables where this host can run them, else record-only (and say why); "
+        "strongswan: refuse to start without it; record-only: check and record, enforce nothing",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(handler=run_agent_command)
 
@@ -94,6 +101,7 @@ def run_agent_command(args: argparse.Namespace) -> int:
         backoff_max_s=args.backoff_max,
         poll_interval_s=args.poll_interval,
         server_name_override=args.server_name,
+        enforcer=args.enforcer,
     )
 
     async def main() -> None:

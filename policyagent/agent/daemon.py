@@ -45,7 +45,6 @@ from policyagent.agent import session as s
 from policyagent.agent.cache import PolicyCache
 from policyagent.agent.combine import combine, has_policy
 from policyagent.agent.enforce import EnforceError, Enforcer, HostFacts
-from policyagent.agent.enforce.recordonly import RecordOnlyEnforcer
 from policyagent.model.defaults import restore_defaults_plan
 from policyagent.model.writes import Mutation, PlanFn
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, dist_grpc, dist_pb, pb
@@ -94,6 +93,7 @@ class AgentConfig:
     connect_timeout_s: float = 5.0
     rpc_timeout_s: float = 10.0
     server_name_override: str = ""  # TLS name to expect, when HOST is not in the server certificate
+    enforcer: str = "record-only"  # "auto" | "strongswan" | "record-only" (the CLI defaults to auto)
 
 
 class AgentError(Exception):
@@ -183,7 +183,11 @@ class AgentDaemon:
     ) -> None:
         self.config = config
         self.state_dir = config.state_dir
-        self.enforcer: Enforcer = enforcer or RecordOnlyEnforcer(config.state_dir)
+        if enforcer is None:
+            from policyagent.agent.enforce.choose import choose
+
+            enforcer = choose(config.enforcer, config.state_dir, config.server)
+        self.enforcer: Enforcer = enforcer
         self._credentials = credentials
         self.cache = PolicyCache(config.state_dir)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -233,6 +237,7 @@ class AgentDaemon:
             self._store_changed,
         )
         await self._start_local_api()
+        await loop.run_in_executor(self._enforce_executor, self.enforcer.start)
         caps = self.enforcer.capabilities()
         self._session = s.Session(
             s.SessionConfig(
@@ -286,6 +291,10 @@ class AgentDaemon:
         for store in (self.local_store, self.persistent_store):
             if store is not None:
                 await loop.run_in_executor(self._store_executor, store.close)
+        try:
+            await loop.run_in_executor(self._enforce_executor, self.enforcer.close)
+        except Exception:
+            _log.exception("stopping the enforcer failed")
         self._store_executor.shutdown(wait=True)
         self._enforce_executor.shutdown(wait=True)
 

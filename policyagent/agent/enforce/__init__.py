@@ -1,8 +1,9 @@
 """Enforcers: what turns an effective policy into protection on this host.
 
-`Enforcer` is the protocol the agent daemon drives. Today there is one backend,
-`recordonly.RecordOnlyEnforcer`, which checks and records and enforces nothing; the
-enforcement issue adds strongSwan (VICI) + kernel shunts behind the same protocol.
+`Enforcer` is the protocol the agent daemon drives. Two backends:
+`strongswan.StrongSwanEnforcer` (charon over VICI + an nftables filter table; the default
+wherever charon can run) and `recordonly.RecordOnlyEnforcer` (an explicit mode that checks and
+records and enforces nothing, and says so). `choose()` picks one and says why.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ class Enforcer(Protocol):
 
     def describe(self) -> str:
         """One line for status and logs, e.g. "record-only: enforces nothing"."""
+        ...
+
+    def start(self) -> None:
+        """Called once before the first apply (e.g. start charon)."""
+        ...
+
+    def close(self) -> None:
+        """Stop enforcing (the agent is stopping): dynamic state and statistics go with it."""
         ...
 
 

@@ -56,6 +56,12 @@ class RecordOnlyEnforcer:
     def describe(self) -> str:
         return DESCRIPTION
 
+    def start(self) -> None:
+        """Nothing to start: this backend has no data path."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
     def check(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> list[str]:
         problems: list[str] = []
         if not policy.HasField("policy"):

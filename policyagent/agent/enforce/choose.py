@@ -1,0 +1,53 @@
+"""Which enforcer an agent runs: `--enforcer auto|strongswan|record-only`.
+
+`auto` takes strongSwan wherever it can run (charon, a kernel ESP or kernel-libipsec data path,
+nftables, root) and otherwise falls back to the record-only backend, logging exactly why, so a
+machine that cannot enforce never pretends to. `strongswan` refuses to start without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+from policyagent.agent.enforce import Enforcer
+
+_log = logging.getLogger("policyagent.agent.enforce")
+
+CHOICES = ("auto", "strongswan", "record-only")
+
+
+class EnforcerUnavailable(Exception):
+    """`--enforcer strongswan` on a host that cannot run it; the message says why."""
+
+
+def server_address(server: str) -> tuple[str, int] | None:
+    """HOST:PORT of the policy server → (IP, port), resolved once, for the filter exemption."""
+    host, _, port = server.rpartition(":")
+    host = host.strip("[]")
+    try:
+        info = socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)
+    except (OSError, ValueError):
+        return None
+    return (str(info[0][4][0]), int(port)) if info else None
+
+
+def choose(kind: str, state_dir: Path, server: str) -> Enforcer:
+    from policyagent.agent.enforce.recordonly import RecordOnlyEnforcer
+
+    if kind == "record-only":
+        return RecordOnlyEnforcer(state_dir)
+    from policyagent.agent.enforce.caps import probe
+
+    caps = probe()
+    problems = caps.problems()
+    if problems:
+        why = "; ".join(problems)
+        if kind == "strongswan":
+            raise EnforcerUnavailable(f"the strongswan enforcer cannot run on this host: {why}")
+        _log.error("strongSwan enforcement unavailable here (%s); running the record-only enforcer", why)
+        return RecordOnlyEnforcer(state_dir)
+    from policyagent.agent.enforce.strongswan import StrongSwanEnforcer
+
+    return StrongSwanEnforcer(state_dir, caps, server=server_address(server))
