@@ -194,4 +194,16 @@ class Lan:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["Host", "Lan", "netns_unavailable", "tshark_lines"]
+@contextlib.contextmanager
+def two_hosts(workdir: Path | None = None) -> Iterator[Lan]:
+    """A LAN with hosts "a" and "b" for the duration of the block."""
+    lan = Lan.create(workdir)
+    try:
+        lan.add_host("a")
+        lan.add_host("b")
+        yield lan
+    finally:
+        lan.close()
+
+
+__all__ = ["Host", "Lan", "netns_unavailable", "tshark_lines", "two_hosts"]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import Host, Lan, netns_unavailable, tshark_lines
+from netns import Host, Lan, netns_unavailable, tshark_lines, two_hosts
 
 from policyagent.agent.enforce import caps
 from policyagent.agent.enforce.caps import BACKEND_LIBIPSEC, BACKEND_NETLINK
@@ -194,13 +194,8 @@ def _skip_reason() -> str | None:
 def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
     if reason := _skip_reason():
         pytest.skip(reason)
-    lan = Lan.create(tmp_path_factory.mktemp("lan"))  # captures go to pytest's temp dir, not /tmp
-    try:
-        lan.add_host("a")
-        lan.add_host("b")
+    with two_hosts(tmp_path_factory.mktemp("lan")) as lan:  # captures go to pytest's temp dir, not /tmp
         yield lan
-    finally:
-        lan.close()
 
 
 class Daemons:

@@ -182,3 +182,35 @@ def test_no_policy_means_only_exemptions() -> None:
     d = run(dist_pb.EffectivePolicy(source="none"))
     assert d.entries == () and d.connections == () and d.problems == ()
     assert Platform().backend == LIBIPSEC
+
+
+def test_certificates_chain_to_the_rules_root_ca_default_the_servers() -> None:
+    from policyagent.agent.enforce.compile import LocalIdentity, dn_key
+
+    identity = LocalIdentity(
+        cert_pem="HOSTCERT", trusted=(("CN=policyagent CA srv1", "SERVERCA"), ("CN=Other Root,O=Example", "OTHERCA"))
+    )
+    policy = custom([([me_to(host("10.77.1.9"))], NEG)])
+    rule = policy.policy.rules[0]
+    del rule.auth_methods[:]
+    rule.auth_methods.add(certificate=pb.CertificateAuth(root_ca=""))
+    d = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity))
+    body = d.connections[0].body
+    assert body["local-1"] == {"auth": "pubkey", "certs": ["HOSTCERT"]}
+    assert body["remote-1"] == {"auth": "pubkey", "id": "%any", "cacerts": ["SERVERCA"]}
+    assert d.secrets == ()
+    rule.auth_methods[0].certificate.root_ca = "o=example, cn=other root"  # order, case and spaces do not matter
+    d = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity))
+    assert d.connections[0].body["remote-1"]["cacerts"] == ["OTHERCA"]
+    rule.auth_methods[0].certificate.root_ca = "policyagent CA srv1"  # a bare CA name matches its CN
+    assert compile_policy(CompileInput(policy=policy, host=HOST, identity=identity)).problems == ()
+    rule.auth_methods[0].certificate.root_ca = "CN=Unknown CA"
+    d = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity))
+    assert any("not among the CAs this host trusts" in p for p in d.problems)
+    assert compile_policy(CompileInput(policy=policy, host=HOST)).problems  # no certificate at all
+    assert dn_key("CN=a, O=b") == dn_key("o=B,cn=A")
+    # the first usable method wins: an unusable certificate method falls through to the pre-shared key
+    rule.auth_methods.add(preshared_key=pb.PresharedKeyAuth(key="fallback-key"))
+    d = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity))
+    assert d.problems == () and d.connections[0].body["local-1"]["auth"] == "psk"
+    assert any("not usable here" in n for n in d.notes)

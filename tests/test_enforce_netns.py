@@ -291,3 +291,65 @@ def test_secure_server_refuses_a_host_without_ipsec(site: Site) -> None:
     site.assign("GPO-B", SECURE)
     out = tcp(a, b.ip, 5001, "never", timeout=6)
     assert out.startswith("FAIL"), out
+
+
+def _online(site: Site, name: str) -> bool:
+    assert site.fleet()[name].online, f"{name} offline"
+    return True
+
+
+def _server_ca_name(site: Site) -> str:
+    from cryptography import x509
+
+    assert site.server is not None
+    ca = x509.load_pem_x509_certificate((site.server.data_dir / "pki" / "ca.crt").read_bytes())
+    return ca.subject.rfc4514_string()  # e.g. "CN=policyagent CA host,O=policyagent"
+
+
+def _remote_ids(host: Host, site: Site) -> set[str]:
+    from policyagent.agent.enforce.charon import ViciSession
+
+    ids = set()
+    with ViciSession(site.base / f"agent-{host.name}" / "charon" / "charon.vici", 10) as session:
+        for sa in session.list_sas():
+            for ike in sa.values():
+                ids.add(ike["remote-id"].decode())
+    return ids
+
+
+def test_certificates_from_the_servers_ca_authenticate_and_an_untrusted_root_is_refused(site: Site) -> None:
+    a, b = site.a, site.b
+    if "a" not in site.agents:  # the fallback tests stopped a's agent
+        site.start_agent(a)
+        wait_until(lambda: _online(site, "a"), "a back online")
+        site.wait_applied("a")
+    ca = _server_ca_name(site)
+    before = {n: site.fleet()[n].desired_version for n in ("a", "b")}
+    netsh(site.address, f'ipsec static set defaultrule policy="{CLIENT}" rootca="{ca} certmap:no excludecaname:no"')
+    netsh(site.address, f'ipsec static set rule name="All IP Traffic" policy="{SECURE}" rootca="{ca}"')
+    netsh(site.address, f'ipsec static set defaultrule policy="{SECURE}" rootca="{ca}"')
+    for name in ("a", "b"):
+        site.wait_applied(name, not_version=before[name])
+    out = tcp(a, b.ip, 5001, "over-certificates")
+    assert out.startswith("OK"), out
+    assert any("CN=a" in rid for rid in _remote_ids(b, site)), _remote_ids(b, site)
+
+    # A root CA that neither host trusts: b refuses the policy, with the reason, and keeps the last good one.
+    previous = site.fleet()["b"].applied_version
+    netsh(site.address, f'ipsec static set rule name="All IP Traffic" policy="{SECURE}" rootca="CN=Nobody Trusts Me"')
+
+    def nacked() -> str:
+        agent = site.fleet()["b"]
+        assert agent.last_nack_version == agent.desired_version, "no NACK yet"
+        return agent.last_nack_reason
+
+    reason = wait_until(nacked, "b NACKs the untrusted root CA")
+    assert "Nobody Trusts Me" in reason and "not among the CAs this host trusts" in reason, reason
+    assert site.fleet()["b"].applied_version == previous
+    # back to the pre-shared key for whatever runs next
+    before = {n: site.fleet()[n].desired_version for n in ("a", "b")}
+    for policy in (CLIENT, SECURE):
+        netsh(site.address, f'ipsec static set defaultrule policy="{policy}" psk="{PSK}"')
+    netsh(site.address, f'ipsec static set rule name="All IP Traffic" policy="{SECURE}" psk="{PSK}"')
+    for name in ("a", "b"):
+        site.wait_applied(name, not_version=before[name])

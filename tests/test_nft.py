@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from netns import Host, Lan, netns_unavailable
+from netns import Host, Lan, netns_unavailable, two_hosts
 
 from policyagent.agent.enforce import nft
 from policyagent.agent.enforce.desired import BLOCK, NEGOTIATE, PERMIT, Exemption, FilterEntry, Selector
@@ -330,13 +330,8 @@ def packets(host: Host) -> dict[int, int]:
 def lan() -> Iterator[Lan]:
     if _SKIP:
         pytest.skip(_SKIP)
-    lan = Lan.create()
-    try:
-        lan.add_host("a")
-        lan.add_host("b")
+    with two_hosts() as lan:
         yield lan
-    finally:
-        lan.close()
 
 
 @pytest.fixture

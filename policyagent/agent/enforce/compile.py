@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from policyagent.agent.enforce.desired import (
@@ -98,26 +99,54 @@ class HostAddresses:
 
 
 @dataclass(frozen=True)
+class LocalIdentity:
+    """This host's certificate (issued at enrollment) and the root CAs it trusts for IKE.
+
+    `trusted` holds (subject DN, PEM) pairs: the policy server's CA first (the default root CA),
+    then any extra CAs the host was given. The private key is not here: the enforcer loads it."""
+
+    cert_pem: str
+    trusted: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class CompileInput:
     policy: dist_pb.EffectivePolicy
     membership: str = ""  # "domain" | "workgroup" ("" = take the policy's)
     host: HostAddresses = field(default_factory=HostAddresses)
     platform: Platform = field(default_factory=Platform)
     server: tuple[str, int] | None = None  # the policy server (address, port): never cut off
+    identity: LocalIdentity | None = None  # for certificate authentication
 
 
 class _Problems:
     def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.notes: list[str] = []
+        self._problems: dict[str, None] = {}  # insertion-ordered sets
+        self._notes: dict[str, None] = {}
+        self.tunnelled: list[str] = []  # transport rules enforced as host-to-host tunnels
 
     def problem(self, text: str) -> None:
-        if text not in self.problems:
-            self.problems.append(text)
+        self._problems[text] = None
 
     def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
+        self._notes[text] = None
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+    @property
+    def notes(self) -> list[str]:
+        notes = list(self._notes)
+        if self.tunnelled:
+            more = len(self.tunnelled) - 3
+            which = ", ".join(self.tunnelled[:3]) + (f" and {more} more" if more > 0 else "")
+            notes.insert(
+                0,
+                f"{which}: transport-mode rule(s) enforced as host-to-host tunnels (strongSwan's userspace IPsec "
+                "has no transport mode; the same traffic is protected)",
+            )
+        return notes
 
 
 def _host_cidr(ip: str) -> str:
@@ -231,24 +260,75 @@ def _esp_proposals(
     return proposals
 
 
+def dn_key(dn: str) -> tuple[tuple[str, str], ...]:
+    """A DN compared the way admins write it: attribute order, case and spacing do not matter."""
+    parts = []
+    for rdn in dn.replace(";", ",").split(","):
+        if "=" in rdn:
+            kind, _, value = rdn.partition("=")
+            parts.append((kind.strip().upper(), value.strip().lower()))
+    return tuple(sorted(parts))
+
+
+def _trusted_ca(root_ca: str, identity: LocalIdentity) -> str | None:
+    """The PEM of the rule's root CA among the host's trusted CAs ("" = the policy server's CA)."""
+    if not identity.trusted:
+        return None
+    if not root_ca.strip():
+        return identity.trusted[0][1]
+    wanted = dn_key(root_ca)
+    name = root_ca.strip().lower()
+    keys = [(dn_key(subject), pem) for subject, pem in identity.trusted]
+    for key, pem in keys:  # the exact DN first
+        if wanted and wanted == key:
+            return pem
+    for key, pem in keys:  # then a DN that names part of the CA's ("CN=X" for "CN=X,O=Y")
+        if wanted and set(wanted) <= set(key):
+            return pem
+    for key, pem in keys:  # a bare CA name: the CA's common name
+        if not wanted and any(kind == "CN" and value == name for kind, value in key):
+            return pem
+    return None
+
+
+@dataclass(frozen=True)
+class _Auth:
+    kind: str  # "psk" | "pubkey"
+    psk: str = field(default="", repr=False)
+    ca_pem: str = ""
+
+
 def _auth(
-    methods: Sequence[pb.AuthMethod], workgroup: bool, what: str, out: _Problems
-) -> tuple[str, pb.AuthMethod] | None:
+    methods: Sequence[pb.AuthMethod], workgroup: bool, identity: LocalIdentity | None, what: str, out: _Problems
+) -> _Auth | None:
     """The first authentication method this host can use, in the rule's order of preference."""
     skipped: list[str] = []
+    chosen: _Auth | None = None
     for method in methods:
         kind = method.WhichOneof("method")
         if kind == "preshared_key":
-            if skipped:
-                out.note(f"{what}: uses a pre-shared key; not usable here: {', '.join(skipped)}")
-            return "psk", method
-        if kind == "kerberos":
+            chosen = _Auth("psk", psk=method.preshared_key.key)
+        elif kind == "certificate":
+            ca = method.certificate.root_ca
+            if identity is None:
+                skipped.append("certificates (this host has no certificate)")
+                continue
+            pem = _trusted_ca(ca, identity)
+            if pem is None:
+                skipped.append(f'certificates (root CA "{ca}" is not among the CAs this host trusts)')
+                continue
+            if method.certificate.cert_to_account_mapping:
+                out.note(f"{what}: certificate-to-account mapping is not applied; the certificate chain is checked")
+            chosen = _Auth("pubkey", ca_pem=pem)
+        elif kind == "kerberos":
             if workgroup:
                 skipped.append("Kerberos (needs domain membership; this computer is a workgroup member)")
             else:
                 skipped.append("Kerberos (Kerberos keying for IKE is not available in this agent yet)")
-        elif kind == "certificate":
-            skipped.append("certificates (certificate authentication for IKE is not available in this agent yet)")
+        if chosen is not None:
+            if skipped:
+                out.note(f"{what}: authenticates with {chosen.kind}; not usable here: {', '.join(skipped)}")
+            return chosen
     if not methods:
         out.problem(f"{what}: has no authentication method")
     else:
@@ -271,6 +351,11 @@ class _Compiler:
     entries: list[tuple[tuple[int, int, int], FilterEntry]] = field(default_factory=list)
     connections: list[Connection] = field(default_factory=list)
     secrets: list[Secret] = field(default_factory=list)
+
+    @cached_property
+    def me(self) -> set[str]:
+        """This host's addresses as host CIDRs, the form selectors carry them in."""
+        return {_host_cidr(a) for a in self.inp.host.addresses}
 
     @property
     def libipsec(self) -> bool:
@@ -378,16 +463,16 @@ class _Compiler:
         what: str,
     ) -> None:
         esp = _esp_proposals(list(fa.methods), fa.session_key_pfs, p, self.inp.platform, what, self.out)
-        auth = _auth(list(rule.auth_methods), workgroup, what, self.out)
+        auth = _auth(list(rule.auth_methods), workgroup, self.inp.identity, what, self.out)
         if not esp or auth is None:
             return
-        me = {ipaddress.ip_network(c) for c in map(_host_cidr, self.inp.host.addresses)}
+        me = self.me
         tunnel = rule.tunnel_endpoint
         peers: set[str] = set()
         children: dict[str, Any] = {}
         template = False
         for n, (sel, _w, _id, label) in enumerate(selectors, start=1):
-            outbound = bool(sel.src) and all(ipaddress.ip_network(c) in me for c in sel.src)
+            outbound = bool(sel.src) and all(c in me for c in sel.src)
             if not outbound:
                 continue  # the inbound half of a mirrored filter: the outbound half's SA covers it
             if self.libipsec and (sel.proto or sel.sport or sel.dport):
@@ -416,10 +501,7 @@ class _Compiler:
         if not children:
             return
         if not tunnel and self.libipsec:
-            self.out.note(
-                f"{what}: transport-mode rule enforced as a host-to-host tunnel (strongSwan's userspace IPsec "
-                "has no transport mode; the same traffic is protected)"
-            )
+            self.out.tunnelled.append(what)
         if len(peers) > 1 and not template:
             template = True  # several single peers: one instance per peer
         remote = [tunnel] if tunnel else (sorted(peers) if len(peers) == 1 and not template else ["%any"])
@@ -428,7 +510,7 @@ class _Compiler:
         self.connections.append(Connection(name=name, body=body, initiates=True, template=template, label=what))
         self.secret_for(name, auth, remote)
 
-    def ike_body(self, p: pb.Policy, remote: list[str], auth: tuple[str, pb.AuthMethod], name: str) -> dict[str, Any]:
+    def ike_body(self, p: pb.Policy, remote: list[str], auth: _Auth, name: str) -> dict[str, Any]:
         minutes = p.isakmp.lifetime_minutes or DEFAULT_MM_LIFETIME_MIN
         body: dict[str, Any] = {
             "version": "1",
@@ -438,30 +520,35 @@ class _Compiler:
             "proposals": _ike_proposals(p),
             "reauth_time": f"{minutes * 60}s",
             "over_time": f"{max(60, minutes * 6)}s",
-            "local-1": {"auth": auth[0]},
-            "remote-1": {"auth": auth[0]},
+            "local-1": {"auth": auth.kind},
+            "remote-1": {"auth": auth.kind},
         }
         if self.libipsec:
             body["encap"] = "yes"
-        if auth[0] == "psk":
+        if auth.kind == "pubkey" and self.inp.identity is not None:
+            # The local identity defaults to the certificate's subject; the peer must chain to the rule's CA.
+            body["local-1"]["certs"] = [self.inp.identity.cert_pem]
+            body["remote-1"]["id"] = "%any"
+            body["remote-1"]["cacerts"] = [auth.ca_pem]
+        if auth.kind == "psk":
             # IKEv1 main mode picks the key by address before identities are exchanged: identify by address.
             body["local-1"]["id"] = "%any" if len(self.inp.host.addresses) != 1 else self.inp.host.addresses[0]
             body["remote-1"]["id"] = "%any"
         return body
 
-    def secret_for(self, name: str, auth: tuple[str, pb.AuthMethod], remote: list[str]) -> None:
-        if auth[0] != "psk":
+    def secret_for(self, name: str, auth: _Auth, remote: list[str]) -> None:
+        if auth.kind != "psk":
             return
         owners: tuple[str, ...] = ()
         if remote != ["%any"]:
             owners = tuple(sorted({*self.inp.host.addresses, *remote}))
-        self.secrets.append(Secret(name=f"psk-{name}", owners=owners, data=auth[1].preshared_key.key))
+        self.secrets.append(Secret(name=f"psk-{name}", owners=owners, data=auth.psk))
 
     def default_response(self, p: pb.Policy, workgroup: bool) -> None:
         drr = p.default_response_rule
         what = f'policy "{p.name}"/default response rule'
         esp = _esp_proposals(list(drr.methods), drr.session_key_pfs, p, self.inp.platform, what, self.out)
-        auth = _auth(list(drr.auth_methods), workgroup, what, self.out)
+        auth = _auth(list(drr.auth_methods), workgroup, self.inp.identity, what, self.out)
         if not esp or auth is None:
             return
         name = "default-response"
@@ -541,4 +628,14 @@ def instantiate(conn: Connection, peer: str, local: str) -> Connection:
     return Connection(name=f"{conn.name}@{peer}", body=body, initiates=True, label=conn.label)
 
 
-__all__ = ["LIBIPSEC", "NETLINK", "CompileInput", "HostAddresses", "Platform", "compile_policy", "instantiate"]
+__all__ = [
+    "LIBIPSEC",
+    "NETLINK",
+    "CompileInput",
+    "HostAddresses",
+    "LocalIdentity",
+    "Platform",
+    "compile_policy",
+    "dn_key",
+    "instantiate",
+]

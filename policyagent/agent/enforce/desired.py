@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 PERMIT = "permit"
@@ -82,7 +83,7 @@ class Connection:
     template: bool = False
     label: str = ""
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return content_hash({"name": self.name, "body": self.body})
 
@@ -95,7 +96,7 @@ class Secret:
     owners: tuple[str, ...]  # IKE identities; empty = any peer
     data: str = field(repr=False)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return content_hash({"name": self.name, "owners": list(self.owners), "data": self.data})
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -34,6 +35,7 @@ from policyagent.agent.enforce.charon import Charon
 from policyagent.agent.enforce.compile import (
     CompileInput,
     HostAddresses,
+    LocalIdentity,
     Platform,
     compile_policy,
     instantiate,
@@ -49,6 +51,32 @@ LOG_GROUP = 7
 SOFT_SA_SECONDS = 300  # Windows keeps a soft association for 5 minutes of idle time
 HOLDDOWN_S = 5.0  # after a failed negotiation without fallback, wait before trying that peer again
 JOURNAL = Path("enforcer") / "journal.json"
+HOST_CERT, HOST_KEY, CA_FILE, EXTRA_CAS = "host.crt", "host.key", "ca.crt", "ca.d"
+
+
+def read_identity(state_dir: Path) -> tuple[LocalIdentity | None, bytes]:
+    """The host certificate and trusted CAs for IKE (from enrollment, plus STATE_DIR/ca.d/*.pem|*.crt),
+    and the private key's PEM (a secret: loaded into charon, never logged)."""
+    from cryptography import x509
+
+    try:
+        cert = (state_dir / HOST_CERT).read_text()
+        key = (state_dir / HOST_KEY).read_bytes()
+    except OSError:
+        return None, b""
+    trusted: list[tuple[str, str]] = []
+    paths = [state_dir / CA_FILE]
+    if (state_dir / EXTRA_CAS).is_dir():
+        paths += sorted(p for p in (state_dir / EXTRA_CAS).iterdir() if p.suffix in (".pem", ".crt"))
+    for path in paths:
+        try:
+            pem = path.read_text()
+            subject = x509.load_pem_x509_certificate(pem.encode()).subject.rfc4514_string()
+        except (OSError, ValueError):
+            _log.warning("ignoring unreadable CA certificate %s", path)
+            continue
+        trusted.append((subject, pem))
+    return LocalIdentity(cert_pem=cert, trusted=tuple(trusted)), key
 
 
 def host_addresses() -> HostAddresses:
@@ -127,12 +155,15 @@ class StrongSwanEnforcer:
         self.instances: dict[str, tuple[str, str]] = {}  # instance name → (template name, peer)
         self.secrets: dict[str, Secret] = {}
         self.nft_script = ""
+        self._rendered: tuple[object, object, str] | None = None  # (entries, exemptions, script)
         self._inflight: set[tuple[str, str]] = set()
         self._holddown: dict[tuple[str, str], float] = {}
         self._stopping = threading.Event()
         self._acquire: threading.Thread | None = None
         self._listener: NflogListener | None = None
         self.local_addresses = HostAddresses()
+        self.identity: LocalIdentity | None = None
+        self._key_loaded = ""  # digest of the private key charon holds
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -167,6 +198,7 @@ class StrongSwanEnforcer:
 
     def _compile(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> Desired:
         self.local_addresses = self._addresses()
+        self.identity, _key = read_identity(self.state_dir)
         return compile_policy(
             CompileInput(
                 policy=policy,
@@ -174,8 +206,19 @@ class StrongSwanEnforcer:
                 host=self.local_addresses,
                 platform=self.platform,
                 server=self.server,
+                identity=self.identity,
             )
         )
+
+    def _load_key(self, session: Any) -> None:
+        """Give charon this host's private key (again after a restart or a re-enrollment)."""
+        _identity, key = read_identity(self.state_dir)
+        if not key:
+            return
+        digest = hashlib.sha256(key).hexdigest()
+        if digest != self._key_loaded:
+            session.load_key({"type": "any", "data": key.decode()})
+            self._key_loaded = digest
 
     def check(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> list[str]:
         return list(self._compile(policy, facts).problems)
@@ -194,8 +237,11 @@ class StrongSwanEnforcer:
                 raise
             self.policy, self.facts, self.desired = policy, facts, desired
             self.stats.applies += 1
-        for note in desired.notes:
-            _log.info("policy mapping note: %s", note, extra={"version": policy.version})
+        if desired.notes:
+            _log.info(
+                "policy applied with %d mapping note(s): %s", len(desired.notes), " | ".join(desired.notes[:5]),
+                extra={"version": policy.version, "notes": list(desired.notes)},
+            )
 
     def _wanted(self, desired: Desired) -> dict[str, Connection]:
         want = {c.name: c for c in desired.connections if not c.template}
@@ -218,6 +264,14 @@ class StrongSwanEnforcer:
                 return a
         return None
 
+    def _render(self, desired: Desired) -> str:
+        """The nft script for `desired` (not rendered again when the filters did not change)."""
+        if self._rendered is not None and self._rendered[:2] == (desired.entries, desired.exemptions):
+            return self._rendered[2]
+        script = nft.render(desired.entries, desired.exemptions, tun=self.tun, log_group=LOG_GROUP)
+        self._rendered = (desired.entries, desired.exemptions, script)
+        return script
+
     def _journal(self, record: dict[str, Any]) -> None:
         atomic_write(self.state_dir / JOURNAL, json.dumps(record, indent=1, sort_keys=True).encode())
 
@@ -225,7 +279,7 @@ class StrongSwanEnforcer:
         prev_conns, prev_secrets, prev_script = dict(self.conns), dict(self.secrets), self.nft_script
         want = self._wanted(desired)
         wanted_secrets = {s.name: s for s in desired.secrets}
-        script = nft.render(desired.entries, desired.exemptions, tun=self.tun, log_group=LOG_GROUP)
+        script = self._render(desired)
         plan = {
             "version": version,
             "load_conns": sorted(n for n, c in want.items() if n not in self.conns or self.conns[n].digest != c.digest),
@@ -258,6 +312,7 @@ class StrongSwanEnforcer:
         """Make charon and nft hold exactly `want`, `secrets` and `script`."""
         session = self.charon.session()
         try:
+            self._load_key(session)
             for name, secret in secrets.items():
                 if name in self.secrets and self.secrets[name].digest == secret.digest:
                     continue
@@ -394,7 +449,7 @@ class StrongSwanEnforcer:
             try:
                 self.charon.restart()
                 self.charon.watch(self._charon_exited)
-                self.conns, self.secrets, self.instances = {}, {}, {}
+                self.conns, self.secrets, self.instances, self._key_loaded = {}, {}, {}, ""
                 secrets = {s.name: s for s in self.desired.secrets}
                 self._converge(self._wanted(self.desired), secrets, self.nft_script)
             except Exception:
