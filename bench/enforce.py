@@ -216,8 +216,11 @@ def driver(args: argparse.Namespace) -> None:
     timers = Timers()
     # Instrumentation (this process only): compile, every VICI call, nft render and nft -f.
     enf._compile = timers.wrap("compile (incl. ip addr/route)", enf._compile)  # type: ignore[method-assign]
-    nft.render = timers.wrap("nft render", nft.render)  # type: ignore[assignment]
-    nft.apply = timers.wrap("nft -f (apply table)", nft.apply)  # type: ignore[assignment]
+    # The filter table is an nft.NftTable (enf.filters): entries rendered once per key, whole table or difference.
+    nft.NftTable._prepare = timers.wrap("nft render entries", nft.NftTable._prepare)  # type: ignore[method-assign]
+    nft._script = timers.wrap("nft render whole table", nft._script)
+    nft._diff_script = timers.wrap("nft render difference", nft._diff_script)
+    nft._nft = timers.wrap("nft commands (nft -f, list set)", nft._nft)
     enf._journal = timers.wrap("journal writes", enf._journal)  # type: ignore[method-assign]
     real_session = enf.charon.session
 
@@ -264,7 +267,7 @@ def driver(args: argparse.Namespace) -> None:
             run["big"]["conns"] = len(enf.conns)
             run["big"]["secrets"] = len(enf.secrets)
             run["big"]["nft_rules"] = nft_rule_count()
-            run["big"]["script_lines"] = enf.nft_script.count("\n")
+            run["big"]["script_lines"] = enf.filters.last_script.count("\n")
             k = (r * 37 + n // 2) % n  # a different rule each run
             run["edit_addr"] = timed_apply(big_policy(n, edit_addr=k))
             run["edit_addr"]["rule"] = k

@@ -90,8 +90,9 @@ class Realm:
             time.sleep(0.02)
 
 
-def start_realm(directory: Path) -> Realm:
-    """Create the realm's database and config in `directory` and start its KDC."""
+def start_realm(directory: Path, host: str = "127.0.0.1") -> Realm:
+    """Create the realm's database and config in `directory` and start its KDC on `host` (an address of
+    this namespace: 127.0.0.1, or a test LAN address so that hosts in namespaces reach it)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     kport = _free_port()
@@ -106,8 +107,8 @@ def start_realm(directory: Path) -> Realm:
   default_ccache_name = FILE:{directory}/ccache
 [realms]
   {REALM} = {{
-    kdc = 127.0.0.1:{port}
-    admin_server = 127.0.0.1:{kport}
+    kdc = {host}:{port}
+    admin_server = {host}:{kport}
   }}
 [domain_realm]
   .example.test = {REALM}
@@ -116,8 +117,8 @@ def start_realm(directory: Path) -> Realm:
     )
     (directory / "kdc.conf").write_text(
         f"""[kdcdefaults]
-  kdc_listen = 127.0.0.1:{port}
-  kdc_tcp_listen = 127.0.0.1:{port}
+  kdc_listen = {host}:{port}
+  kdc_tcp_listen = {host}:{port}
 [realms]
   {REALM} = {{
     database_name = {directory}/principal
@@ -151,7 +152,7 @@ def start_realm(directory: Path) -> Realm:
     # The KDC forks before it binds: wait until it answers on its TCP port.
     while time.monotonic() < deadline:
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
+            if probe.connect_ex((host, port)) == 0:
                 break
         time.sleep(0.02)
     return Realm(directory, port, pid, env)

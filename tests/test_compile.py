@@ -197,7 +197,9 @@ def test_certificates_chain_to_the_rules_root_ca_default_the_servers() -> None:
     d = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity))
     body = d.connections[0].body
     assert body["local-1"] == {"auth": "pubkey", "certs": ["HOSTCERT"]}
-    assert body["remote-1"] == {"auth": "pubkey", "id": "%any", "cacerts": ["SERVERCA"]}
+    assert body["remote-1"] == {"auth": "pubkey", "id": "%any", "cacerts": ["SERVERCA"], "revocation": "relaxed"}
+    strict = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity, crl_check="2"))
+    assert strict.connections[0].body["remote-1"]["revocation"] == "strict"  # set config strongcrlcheck 2
     assert d.secrets == ()
     rule.auth_methods[0].certificate.root_ca = "o=example, cn=other root"  # order, case and spaces do not matter
     d = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity))
@@ -214,3 +216,26 @@ def test_certificates_chain_to_the_rules_root_ca_default_the_servers() -> None:
     d = compile_policy(CompileInput(policy=policy, host=HOST, identity=identity))
     assert d.problems == () and d.connections[0].body["local-1"]["auth"] == "psk"
     assert any("not usable here" in n for n in d.notes)
+
+
+def test_kerberos_keys_the_ike_sa_per_peer_and_exempts_the_keying_exchange() -> None:
+    d = compile_policy(CompileInput(policy=effective(SECURE), host=HOST, kerberos=True))
+    assert d.problems == ()
+    assert d.connections and all(c.kerberos for c in d.connections)
+    assert all(c.body["local-1"]["auth"] == "psk" for c in d.connections)
+    assert d.secrets == ()  # no static secret: the keying exchange loads one per peer
+    ports = {(x.proto, x.port) for x in d.exemptions}
+    assert {(6, 4501), (6, 88), (17, 88)} <= ports
+    kdc = compile_policy(CompileInput(policy=effective(SECURE), host=HOST, kerberos=True, kdcs=(("10.0.0.9", 18888),)))
+    assert [(x.proto, x.port, x.addr) for x in kdc.exemptions if "KDC" in x.reason] == [
+        (6, 18888, "10.0.0.9/32"),
+        (17, 18888, "10.0.0.9/32"),
+    ]
+    legacy = compile_policy(CompileInput(policy=effective(SECURE, psk="k" * 20), host=HOST, exempt_level="0"))
+    assert {(x.proto, x.port) for x in legacy.exemptions} >= {(6, 88), (17, 88), (46, 0)}  # set config ipsecexempt 0
+    without = compile_policy(CompileInput(policy=effective(SECURE), host=HOST))
+    assert any("--ike-keytab" in p for p in without.problems)
+    wg = compile_policy(CompileInput(policy=effective(SECURE, membership="workgroup"), host=HOST, kerberos=True))
+    assert any("workgroup member" in p for p in wg.problems)
+    inst = instantiate(next(c for c in d.connections if c.template), "10.77.1.1", ME)
+    assert inst.kerberos

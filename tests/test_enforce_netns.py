@@ -24,7 +24,7 @@ from netns import Host, Lan, netns_unavailable, tshark_lines
 
 from clients.netsh.main import main as netsh_main
 from policyagent.cli import main as cli_main
-from policyagent.pb import assign_pb, fleet_pb
+from policyagent.pb import agent_grpc, agent_pb, assign_pb, fleet_pb
 
 T = TypeVar("T")
 pytestmark = pytest.mark.slow
@@ -159,9 +159,14 @@ class Site:
         log = (self.base / f"agent-{host.name}.log").open("ab")
         self.agents[host.name] = host.popen(
             [sys.executable, "-m", "policyagent.cli", "agent", "--server", self.address, "--state-dir", str(state),
-             "--enforcer", "strongswan", "--backoff-max", "0.5", "--log-level", "info", *extra],
+             "--enforcer", "strongswan", "--backoff-max", "0.5", "--log-level", "info", *extra,
+             *self.agent_args(host)],
             stdout=log, stderr=log,
         )
+
+    def agent_args(self, host: Host) -> list[str]:
+        """Extra `policyagent agent` arguments for `host` (subclasses add Kerberos, ...)."""
+        return []
 
     def stop_agent(self, host: Host) -> None:
         proc = self.agents.pop(host.name)
@@ -273,6 +278,53 @@ def test_secure_server_and_respond_only_client_talk_only_through_esp(site: Site)
     assert clear_payload == [], clear_payload
     clear_icmp_after = tshark_lines(pcap, "icmp")
     assert clear_icmp_after == [], clear_icmp_after
+
+
+def _local(site: Site, host: Host) -> agent_grpc.AgentLocalStub:
+    import grpc
+
+    channel = grpc.insecure_channel(f"unix:{site.base / f'agent-{host.name}' / 'agent.sock'}")
+    return agent_grpc.AgentLocalStub(channel)
+
+
+def test_the_agent_reports_monitor_counters_sas_filters_and_audit_events(site: Site) -> None:
+    a, b = site.a, site.b
+    out = tcp(a, b.ip, 5001, "monitored")
+    assert out.startswith("OK"), out
+    stub = _local(site, b)
+    stats = stub.GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
+    qm = {c.key: c.value for c in stats.quick_mode}
+    mm = {c.key: c.value for c in stats.main_mode}
+    assert stats.ipsec_active and stats.policy_name == SECURE
+    assert qm["key_additions"] >= 1 and qm["confidential_bytes_received"] > 0, qm
+    assert mm["ike_main_modes"] >= 1 and mm["ike_quick_modes"] >= 1, mm
+    assert [c.name for c in stats.quick_mode][:1] == ["Active Security Associations"]
+    sas = stub.ListSecurityAssociations(agent_pb.SecurityAssociationsRequest(), timeout=10)
+    assert any(q.remote_address == a.ip and q.spi_in and q.spi_out and q.encapsulated for q in sas.quick_mode), sas
+    assert any(m.remote_address == a.ip and m.state == "ESTABLISHED" for m in sas.main_mode)
+    filters = stub.ListFilters(agent_pb.FiltersRequest(), timeout=10)
+    verdicts = [f.verdict for f in filters.filters]
+    assert verdicts[:2] == ["permit", "permit"] and "negotiate" in verdicts  # most specific first
+    assert any(f.verdict == "negotiate" and f.packets > 0 for f in filters.filters), filters.filters
+    assert any("IKE" in e for e in filters.exemptions) and any(p.name == "default-response" for p in filters.policies)
+    events = stub.ListAuditEvents(agent_pb.AuditEventsRequest(ids=[541]), timeout=10).events
+    assert events and events[-1].computer == "b" and events[-1].fields, events
+    assert "Peer Identity" in events[-1].fields
+    # set config: ikelogging applies at once (a trace file appears), ipsecexempt at the next start
+    trace = site.base / "agent-b" / "charon" / "ike-trace.log"
+    values = stub.SetConfig(agent_pb.SetConfigRequest(name="ikelogging", value="1"), timeout=10)
+    assert {v.name: v.value for v in values.values}["ikelogging"] == "1"
+    assert trace.exists()  # charon reloaded its settings and opened the trace file before SetConfig returned
+    values = stub.SetConfig(agent_pb.SetConfigRequest(name="ipsecexempt", value="0"), timeout=10)
+    pending = {v.name: (v.value, v.pending) for v in values.values}["ipsecexempt"]
+    assert pending == ("3", "0")
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.SetConfig(agent_pb.SetConfigRequest(name="ikelogging", value="7"), timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ikelogging" in (bad.value.details() or "")
+    stub.SetConfig(agent_pb.SetConfigRequest(name="ikelogging", value="0"), timeout=10)
+    stub.SetConfig(agent_pb.SetConfigRequest(name="ipsecexempt", value="3"), timeout=10)
 
 
 def test_request_security_falls_back_to_clear_with_a_host_without_ipsec(site: Site) -> None:

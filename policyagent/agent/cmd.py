@@ -59,6 +59,12 @@ def add_agent(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="auto (default): strongSwan + nftables where this host can run them, else record-only (and say why); "
         "strongswan: refuse to start without it; record-only: check and record, enforce nothing",
     )
+    kerb = parser.add_argument_group("Kerberos authentication in IKE (domain members)")
+    kerb.add_argument(
+        "--ike-keytab", metavar="FILE", help="keytab with this computer's host principal (e.g. /etc/krb5.keytab)"
+    )
+    kerb.add_argument("--ike-principal", metavar="PRINCIPAL", help="this computer's host principal, host/FQDN@REALM")
+    kerb.add_argument("--krb5-config", metavar="FILE", help="krb5.conf to use (default: the system's)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(handler=run_agent_command)
 
@@ -102,7 +108,14 @@ def run_agent_command(args: argparse.Namespace) -> int:
         poll_interval_s=args.poll_interval,
         server_name_override=args.server_name,
         enforcer=args.enforcer,
+        ike_keytab=Path(args.ike_keytab).absolute() if args.ike_keytab else None,
+        ike_principal=args.ike_principal or "",
+        krb5_config=str(Path(args.krb5_config).absolute()) if args.krb5_config else "",
     )
+    if bool(args.ike_keytab) != bool(args.ike_principal):
+        from policyagent.agent.daemon import AgentError
+
+        raise AgentError("--ike-keytab and --ike-principal go together (the keytab must hold that principal)")
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -94,6 +94,9 @@ class AgentConfig:
     rpc_timeout_s: float = 10.0
     server_name_override: str = ""  # TLS name to expect, when HOST is not in the server certificate
     enforcer: str = "record-only"  # "auto" | "strongswan" | "record-only" (the CLI defaults to auto)
+    ike_keytab: Path | None = None  # Kerberos in IKE: keytab and host principal (domain members)
+    ike_principal: str = ""
+    krb5_config: str = ""  # KRB5_CONFIG for the keying exchange ("" = the system's)
 
 
 class AgentError(Exception):
@@ -186,7 +189,7 @@ class AgentDaemon:
         if enforcer is None:
             from policyagent.agent.enforce.choose import choose
 
-            enforcer = choose(config.enforcer, config.state_dir, config.server)
+            enforcer = choose(config)
         self.enforcer: Enforcer = enforcer
         self._credentials = credentials
         self.cache = PolicyCache(config.state_dir)
@@ -215,6 +218,9 @@ class AgentDaemon:
         # interleave must each see the other's result, never an older view of the stores.
         self._enforcing = asyncio.Lock()
         self.computer = config.computer
+        from policyagent.agent.enforce.dynconfig import DynamicConfig
+
+        self.dynconfig = DynamicConfig(config.state_dir)  # netsh ipsec dynamic set config
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -238,6 +244,7 @@ class AgentDaemon:
         )
         await self._start_local_api()
         await loop.run_in_executor(self._enforce_executor, self.enforcer.start)
+        await loop.run_in_executor(self._enforce_executor, self.enforcer.configure, dict(self.dynconfig.values))
         caps = self.enforcer.capabilities()
         self._session = s.Session(
             s.SessionConfig(
@@ -567,6 +574,28 @@ class AgentDaemon:
 
     # ------------------------------------------------------------------ status
 
+    def config_values(self) -> agent_pb.AgentConfigValues:
+        from policyagent.agent.enforce.dynconfig import PROPERTIES
+
+        out = agent_pb.AgentConfigValues()
+        for prop in PROPERTIES:
+            out.values.add(
+                name=prop.name,
+                value=self.dynconfig.values[prop.name],
+                pending=self.dynconfig.pending.get(prop.name, ""),
+                description=prop.description,
+                applies_at_once=prop.at_once,
+            )
+        return out
+
+    async def set_config(self, name: str, value: str) -> None:
+        """`set config NAME VALUE`: stored; applied now if Windows applies it at once, else at the next start."""
+        if self.dynconfig.set(name, value):
+            loop = asyncio.get_running_loop()
+            async with self._enforcing:
+                await loop.run_in_executor(self._enforce_executor, self.enforcer.configure, dict(self.dynconfig.values))
+        _log.info("set config %s=%s", name, value)
+
     def status(self) -> agent_pb.LocalStatus:
         st = self.session.status() if self._session is not None else None
         out = agent_pb.LocalStatus(
@@ -687,6 +716,56 @@ class AgentLocalServicer(agent_grpc.AgentLocalServicer):
             assert isinstance(masked, pb.Policy)
             out.policy.CopyFrom(masked)
         return out
+
+    async def GetStatistics(
+        self, request: agent_pb.StatisticsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.IpsecStatistics:
+        loop = asyncio.get_running_loop()
+        stats = await loop.run_in_executor(None, self._daemon.enforcer.statistics)
+        if not stats.policy_name and self._daemon.enforced is not None:
+            stats.policy_name = self._daemon.enforced.policy.name
+        return stats
+
+    async def ListSecurityAssociations(
+        self, request: agent_pb.SecurityAssociationsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.SecurityAssociations:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self._daemon.enforcer.security_associations)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the security associations: {exc}")
+            raise AssertionError("unreachable") from None
+
+    async def ListFilters(
+        self, request: agent_pb.FiltersRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.Filters:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._daemon.enforcer.filters_in_force)
+
+    async def GetConfig(
+        self, request: agent_pb.ConfigRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.AgentConfigValues:
+        return self._daemon.config_values()
+
+    async def SetConfig(
+        self, request: agent_pb.SetConfigRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.AgentConfigValues:
+        from policyagent.agent.enforce.dynconfig import ConfigError
+
+        try:
+            await self._daemon.set_config(request.name, request.value)
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return self._daemon.config_values()
+
+    async def ListAuditEvents(
+        self, request: agent_pb.AuditEventsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.AuditEvents:
+        ids = set(request.ids) or None
+        events = self._daemon.enforcer.audit_events(request.since_unix_ms, ids, request.limit or 1000)
+        for event in events:
+            event.computer = self._daemon.computer
+        return agent_pb.AuditEvents(events=events)
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from policyagent.pb import dist_pb
+from policyagent.pb import agent_pb, dist_pb
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,26 @@ class Enforcer(Protocol):
 
     def close(self) -> None:
         """Stop enforcing (the agent is stopping): dynamic state and statistics go with it."""
+        ...
+
+    def statistics(self) -> agent_pb.IpsecStatistics:
+        """The IP Security Monitor counters since the agent started (empty when nothing is enforced)."""
+        ...
+
+    def audit_events(self, since_unix_ms: int, ids: set[int] | None, limit: int) -> list[agent_pb.AuditEvent]:
+        """Audit events 541-547 recorded here, oldest first."""
+        ...
+
+    def security_associations(self) -> agent_pb.SecurityAssociations:
+        """Main mode and quick mode SAs (empty when nothing negotiates)."""
+        ...
+
+    def filters_in_force(self) -> agent_pb.Filters:
+        """The filters in force, most specific first, and the negotiation policies."""
+        ...
+
+    def configure(self, values: dict[str, str]) -> None:
+        """`set config` properties in force (at start, and when one that applies at once changes)."""
         ...
 
 

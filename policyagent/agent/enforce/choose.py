@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import socket
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from policyagent.agent.enforce import Enforcer
+
+if TYPE_CHECKING:
+    from policyagent.agent.daemon import AgentConfig
 
 _log = logging.getLogger("policyagent.agent.enforce")
 
@@ -33,9 +36,10 @@ def server_address(server: str) -> tuple[str, int] | None:
     return (str(info[0][4][0]), int(port)) if info else None
 
 
-def choose(kind: str, state_dir: Path, server: str) -> Enforcer:
+def choose(config: AgentConfig) -> Enforcer:
     from policyagent.agent.enforce.recordonly import RecordOnlyEnforcer
 
+    kind, state_dir, server = config.enforcer, config.state_dir, config.server
     if kind == "record-only":
         return RecordOnlyEnforcer(state_dir)
     from policyagent.agent.enforce.caps import probe
@@ -48,6 +52,12 @@ def choose(kind: str, state_dir: Path, server: str) -> Enforcer:
             raise EnforcerUnavailable(f"the strongswan enforcer cannot run on this host: {why}")
         _log.error("strongSwan enforcement unavailable here (%s); running the record-only enforcer", why)
         return RecordOnlyEnforcer(state_dir)
-    from policyagent.agent.enforce.strongswan import StrongSwanEnforcer
+    from policyagent.agent.enforce.strongswan import KerberosSetup, StrongSwanEnforcer
 
-    return StrongSwanEnforcer(state_dir, caps, server=server_address(server))
+    kerberos = None
+    if config.ike_keytab is not None and config.membership != "workgroup":
+        env = {"KRB5_CONFIG": config.krb5_config} if config.krb5_config else None
+        kerberos = KerberosSetup(config.ike_keytab, config.ike_principal, env)
+        if not kerberos.usable():
+            _log.error("Kerberos in IKE unavailable: no keytab at %s", config.ike_keytab)
+    return StrongSwanEnforcer(state_dir, caps, server=server_address(server), kerberos=kerberos)

@@ -40,6 +40,7 @@ from policyagent.pb import dist_pb, pb
 LIBIPSEC = "kernel-libipsec"
 NETLINK = "kernel-netlink"
 IKE_PORTS = (500, 4500)
+KEYING_PORT = 4501  # the agents' Kerberos keying exchange (policyagent.agent.enforce.kerbkey)
 DEFAULT_QM_LIFETIME_S = 3600
 DEFAULT_QM_LIFETIME_KB = 100_000
 DEFAULT_MM_LIFETIME_MIN = 480
@@ -117,6 +118,10 @@ class CompileInput:
     platform: Platform = field(default_factory=Platform)
     server: tuple[str, int] | None = None  # the policy server (address, port): never cut off
     identity: LocalIdentity | None = None  # for certificate authentication
+    kerberos: bool = False  # this host can run the Kerberos keying exchange (keytab, host principal)
+    kdcs: tuple[tuple[str, int], ...] = ()  # the Kerberos KDCs (address, port): exempt with Kerberos keying
+    crl_check: str = "1"  # strongcrlcheck: 0 none (relaxed), 1 fail if revoked (relaxed), 2 any CRL error (strict)
+    exempt_level: str = "3"  # ipsecexempt: 0/2 also exempt Kerberos and RSVP; 1/3 only IKE
 
 
 class _Problems:
@@ -178,8 +183,9 @@ def _cidrs(address: pb.Address, host: HostAddresses, what: str, out: _Problems) 
     return tuple(_host_cidr(ip) for ip in found), 32
 
 
-def _short(guid: str) -> str:
-    return "".join(ch for ch in guid if ch.isalnum())[:8].lower() or "x"
+def _short(guid: str, length: int = 8) -> str:
+    """A name part from an id: its letters and digits, lower case (stable whatever the rule's position)."""
+    return "".join(ch for ch in guid if ch.isalnum())[:length].lower() or "x"
 
 
 def _label(policy: pb.Policy, index: int, rule: pb.Rule) -> str:
@@ -299,7 +305,12 @@ class _Auth:
 
 
 def _auth(
-    methods: Sequence[pb.AuthMethod], workgroup: bool, identity: LocalIdentity | None, what: str, out: _Problems
+    methods: Sequence[pb.AuthMethod],
+    workgroup: bool,
+    identity: LocalIdentity | None,
+    what: str,
+    out: _Problems,
+    kerberos: bool = False,
 ) -> _Auth | None:
     """The first authentication method this host can use, in the rule's order of preference."""
     skipped: list[str] = []
@@ -323,8 +334,12 @@ def _auth(
         elif kind == "kerberos":
             if workgroup:
                 skipped.append("Kerberos (needs domain membership; this computer is a workgroup member)")
+            elif not kerberos:
+                skipped.append(
+                    "Kerberos (this agent has no keytab for its host principal: see --ike-keytab/--ike-principal)"
+                )
             else:
-                skipped.append("Kerberos (Kerberos keying for IKE is not available in this agent yet)")
+                chosen = _Auth("kerberos")
         if chosen is not None:
             if skipped:
                 out.note(f"{what}: authenticates with {chosen.kind}; not usable here: {', '.join(skipped)}")
@@ -388,6 +403,16 @@ class _Compiler:
         if p.default_response_rule.active:
             self.default_response(p, workgroup)
         self.check_secrets()
+        if self.inp.exempt_level in ("0", "2"):  # Windows 2000/XP default exemptions: Kerberos and RSVP too
+            exemptions.append(Exemption(reason="Kerberos (ipsecexempt)", proto=6, port=88))
+            exemptions.append(Exemption(reason="Kerberos (ipsecexempt)", proto=17, port=88))
+            exemptions.append(Exemption(reason="RSVP (ipsecexempt)", proto=46))
+        if any(c.kerberos for c in self.connections):
+            exemptions.append(Exemption(reason="Kerberos keying", proto=6, port=KEYING_PORT))
+            for addr, port in self.inp.kdcs or (("", 88),):
+                where = _host_cidr(addr) if addr else ""
+                exemptions.append(Exemption(reason="Kerberos (KDC)", proto=6, port=port, addr=where))
+                exemptions.append(Exemption(reason="Kerberos (KDC)", proto=17, port=port, addr=where))
         ordered = [e for _, e in sorted(self.entries, key=lambda item: item[0])]
         entries = tuple(replace(e, index=i) for i, e in enumerate(ordered))
         self.check_server(entries)
@@ -412,7 +437,7 @@ class _Compiler:
         what: str,
     ) -> None:
         verdict = {pb.ACTION_TYPE_PERMIT: PERMIT, pb.ACTION_TYPE_BLOCK: BLOCK}.get(fa.action, NEGOTIATE)
-        conn_name = f"rule{index}-{_short(rule.id)}" if verdict == NEGOTIATE else ""
+        conn_name = f"rule-{_short(rule.id, 40)}" if verdict == NEGOTIATE else ""
         selectors: list[tuple[Selector, int, str, str]] = []  # selector, weight, id, label
         for fnum, flt in enumerate(fl.filters, start=1):
             flabel = f"{what}/filter {fnum}"
@@ -463,7 +488,7 @@ class _Compiler:
         what: str,
     ) -> None:
         esp = _esp_proposals(list(fa.methods), fa.session_key_pfs, p, self.inp.platform, what, self.out)
-        auth = _auth(list(rule.auth_methods), workgroup, self.inp.identity, what, self.out)
+        auth = _auth(list(rule.auth_methods), workgroup, self.inp.identity, what, self.out, self.inp.kerberos)
         if not esp or auth is None:
             return
         me = self.me
@@ -507,7 +532,11 @@ class _Compiler:
         remote = [tunnel] if tunnel else (sorted(peers) if len(peers) == 1 and not template else ["%any"])
         body = self.ike_body(p, remote, auth, name)
         body["children"] = children
-        self.connections.append(Connection(name=name, body=body, initiates=True, template=template, label=what))
+        self.connections.append(
+            Connection(
+                name=name, body=body, initiates=True, template=template, label=what, kerberos=auth.kind == "kerberos"
+            )
+        )
         self.secret_for(name, auth, remote)
 
     def ike_body(self, p: pb.Policy, remote: list[str], auth: _Auth, name: str) -> dict[str, Any]:
@@ -520,8 +549,11 @@ class _Compiler:
             "proposals": _ike_proposals(p),
             "reauth_time": f"{minutes * 60}s",
             "over_time": f"{max(60, minutes * 6)}s",
-            "local-1": {"auth": auth.kind},
-            "remote-1": {"auth": auth.kind},
+            # Dead peer detection: a peer that lost its SAs (e.g. its charon restarted) is noticed within
+            # about a minute and the stale SAs are closed, so the next packet negotiates afresh.
+            "dpd_delay": "30s",
+            "local-1": {"auth": "psk" if auth.kind == "kerberos" else auth.kind},
+            "remote-1": {"auth": "psk" if auth.kind == "kerberos" else auth.kind},
         }
         if self.libipsec:
             body["encap"] = "yes"
@@ -530,7 +562,8 @@ class _Compiler:
             body["local-1"]["certs"] = [self.inp.identity.cert_pem]
             body["remote-1"]["id"] = "%any"
             body["remote-1"]["cacerts"] = [auth.ca_pem]
-        if auth.kind == "psk":
+            body["remote-1"]["revocation"] = "strict" if self.inp.crl_check == "2" else "relaxed"
+        if auth.kind in ("psk", "kerberos"):
             # IKEv1 main mode picks the key by address before identities are exchanged: identify by address.
             body["local-1"]["id"] = "%any" if len(self.inp.host.addresses) != 1 else self.inp.host.addresses[0]
             body["remote-1"]["id"] = "%any"
@@ -548,7 +581,7 @@ class _Compiler:
         drr = p.default_response_rule
         what = f'policy "{p.name}"/default response rule'
         esp = _esp_proposals(list(drr.methods), drr.session_key_pfs, p, self.inp.platform, what, self.out)
-        auth = _auth(list(drr.auth_methods), workgroup, self.inp.identity, what, self.out)
+        auth = _auth(list(drr.auth_methods), workgroup, self.inp.identity, what, self.out, self.inp.kerberos)
         if not esp or auth is None:
             return
         name = "default-response"
@@ -564,7 +597,9 @@ class _Compiler:
                 **_qm_lifetimes(list(drr.methods)),
             }
         }
-        self.connections.append(Connection(name=name, body=body, initiates=False, label=what))
+        self.connections.append(
+            Connection(name=name, body=body, initiates=False, label=what, kerberos=auth.kind == "kerberos")
+        )
         self.secret_for(name, auth, ["%any"])
 
     def check_secrets(self) -> None:
@@ -625,7 +660,7 @@ def instantiate(conn: Connection, peer: str, local: str) -> Connection:
     body["children"] = children
     if body.get("local-1", {}).get("id") == "%any":
         body["local-1"] = {**body["local-1"], "id": local}
-    return Connection(name=f"{conn.name}@{peer}", body=body, initiates=True, label=conn.label)
+    return Connection(name=f"{conn.name}@{peer}", body=body, initiates=True, label=conn.label, kerberos=conn.kerberos)
 
 
 __all__ = [

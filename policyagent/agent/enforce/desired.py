@@ -39,8 +39,8 @@ class Selector:
 
 @dataclass(frozen=True)
 class FilterEntry:
-    """One line of the host's filter table. `index` is its position (0 = most specific) and is what
-    the acquire log prefix carries; `id` is stable across recompiles of the same policy."""
+    """One line of the host's filter table. `index` is its position (0 = most specific); `nft.entry_key()`
+    names it in the filter table (rule comments, the acquire log prefix); `id` is stable across recompiles."""
 
     index: int
     id: str
@@ -82,6 +82,7 @@ class Connection:
     initiates: bool
     template: bool = False
     label: str = ""
+    kerberos: bool = False  # keyed per peer by the Kerberos keying exchange (no static secret)
 
     @cached_property
     def digest(self) -> str:

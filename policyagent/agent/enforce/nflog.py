@@ -1,7 +1,7 @@
 """A minimal NFLOG listener (nfnetlink_log), stdlib only.
 
 The agent's nftables table logs "this packet needed an SA and had none" to an NFLOG group with
-prefix `pa-acq:<index> ` (see nft.py); this module receives those records:
+prefix `pa-acq:<entry key> ` (see nft.py); this module receives those records:
 
     with NflogListener(7) as nl:
         for pkt in nl.recv(timeout=1.0):

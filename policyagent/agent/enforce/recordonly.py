@@ -24,7 +24,7 @@ from google.protobuf import json_format
 
 from policyagent.agent.enforce import EnforceError, HostFacts
 from policyagent.agent.files import atomic_write
-from policyagent.pb import dist_pb, pb
+from policyagent.pb import agent_pb, dist_pb, pb
 
 RECORD_FILE = Path("enforcer") / "record-only.json"
 DESCRIPTION = "record-only: enforces nothing"
@@ -61,6 +61,22 @@ class RecordOnlyEnforcer:
 
     def close(self) -> None:
         """Nothing to stop."""
+
+    def statistics(self) -> agent_pb.IpsecStatistics:
+        """No IPsec here: no counters, and it says so (ipsec_active = false)."""
+        return agent_pb.IpsecStatistics(ipsec_active=False, enforcer=DESCRIPTION, time_unix_ms=int(time.time() * 1000))
+
+    def audit_events(self, since_unix_ms: int, ids: set[int] | None, limit: int) -> list[agent_pb.AuditEvent]:
+        return []  # nothing negotiates here, so nothing is audited
+
+    def security_associations(self) -> agent_pb.SecurityAssociations:
+        return agent_pb.SecurityAssociations()
+
+    def filters_in_force(self) -> agent_pb.Filters:
+        return agent_pb.Filters(notes=[DESCRIPTION])
+
+    def configure(self, values: dict[str, str]) -> None:
+        """Stored by the agent; nothing here acts on them."""
 
     def check(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> list[str]:
         problems: list[str] = []

@@ -21,6 +21,8 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
+import socket
 import subprocess
 import threading
 import time
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policyagent.agent.enforce import EnforceError, HostFacts, nft
+from policyagent.agent.enforce import EnforceError, HostFacts, nft, views
 from policyagent.agent.enforce.caps import HostCapabilities
 from policyagent.agent.enforce.charon import Charon
 from policyagent.agent.enforce.compile import (
@@ -41,9 +43,20 @@ from policyagent.agent.enforce.compile import (
     instantiate,
 )
 from policyagent.agent.enforce.desired import Connection, Desired, FilterEntry, Secret
+from policyagent.agent.enforce.kerbkey import (
+    DEFAULT_PORT as KEYING_PORT,
+)
+from policyagent.agent.enforce.kerbkey import (
+    KeyingService,
+    PairKey,
+    PairKeyTable,
+    discover_principal,
+    negotiate_key,
+)
+from policyagent.agent.enforce.monitor import MAIN_MODE_FIELDS, QUICK_MODE_FIELDS, Monitor
 from policyagent.agent.enforce.nflog import NflogListener
 from policyagent.agent.files import atomic_write
-from policyagent.pb import dist_pb
+from policyagent.pb import agent_pb, dist_pb
 
 _log = logging.getLogger("policyagent.agent.enforce")
 
@@ -110,6 +123,49 @@ def _close(session: Any) -> None:
         session.transport.close()
 
 
+@dataclass(frozen=True)
+class KerberosSetup:
+    """What the Kerberos keying exchange needs: this host's keytab and host principal (host/FQDN[@REALM]),
+    and optionally the Kerberos environment (KRB5_CONFIG, ...) when it is not the system's."""
+
+    keytab: Path
+    principal: str
+    krb5_env: dict[str, str] | None = None
+
+    def usable(self) -> bool:
+        return self.keytab.is_file()
+
+    def kdcs(self) -> tuple[tuple[str, int], ...]:
+        """The KDCs krb5.conf names (`kdc = HOST[:PORT]` in [realms]): their traffic must never need IPsec,
+        or the keying exchange could not get its tickets."""
+        path = Path((self.krb5_env or {}).get("KRB5_CONFIG") or os.environ.get("KRB5_CONFIG") or "/etc/krb5.conf")
+        found: list[tuple[str, int]] = []
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return ()
+        for line in lines:
+            key, sep, value = line.partition("=")
+            if not sep or key.strip() != "kdc":
+                continue
+            host, port = value.strip(), 88
+            if host.startswith("["):  # [v6]:port
+                host, _, rest = host[1:].partition("]")
+                port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else 88
+            elif host.count(":") == 1:
+                host, _, p = host.partition(":")
+                port = int(p) if p.isdigit() else 88
+            try:
+                addr = str(ipaddress.ip_address(host))
+            except ValueError:
+                try:
+                    addr = str(socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)[0][4][0])
+                except OSError:
+                    continue
+            found.append((str(addr), port))
+        return tuple(dict.fromkeys(found))
+
+
 @dataclass
 class Statistics:
     """What the enforcer itself counts (the IP Security Monitor reads these alongside charon's)."""
@@ -138,12 +194,17 @@ class StrongSwanEnforcer:
         server: tuple[str, int] | None = None,
         addresses: Callable[[], HostAddresses] = host_addresses,
         charon: Charon | None = None,
+        kerberos: KerberosSetup | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.kerberos = kerberos if kerberos is not None and kerberos.usable() else None
+        self._pair_keys = PairKeyTable()
+        self._keying: KeyingService | None = None
         self.caps = caps
         self.server = server
         self._addresses = addresses
         self.charon = charon or Charon(state_dir / "charon", backend=caps.backend)
+        self.monitor = Monitor(self.charon, state_dir)  # IP Security Monitor counters and audit events
         self.platform = Platform(backend=caps.backend, kernel_ah=caps.kernel_ah, ipcomp=caps.ipcomp)
         self.tun: str | None = "ipsec0" if caps.backend == "kernel-libipsec" else None
         self.stats = Statistics()
@@ -154,8 +215,8 @@ class StrongSwanEnforcer:
         self.conns: dict[str, Connection] = {}  # loaded in charon, by name (instances included)
         self.instances: dict[str, tuple[str, str]] = {}  # instance name → (template name, peer)
         self.secrets: dict[str, Secret] = {}
-        self.nft_script = ""
-        self._rendered: tuple[object, object, str] | None = None  # (entries, exemptions, script)
+        self.filters = nft.NftTable(tun=self.tun, log_group=LOG_GROUP)  # the nft filter table, applied by difference
+        self.nft_filters: nft.Filters | None = None  # (entries, exemptions) the filter table holds
         self._inflight: set[tuple[str, str]] = set()
         self._holddown: dict[tuple[str, str], float] = {}
         self._stopping = threading.Event()
@@ -163,6 +224,8 @@ class StrongSwanEnforcer:
         self._listener: NflogListener | None = None
         self.local_addresses = HostAddresses()
         self.identity: LocalIdentity | None = None
+        self.crl_check = "1"  # netsh ipsec dynamic set config strongcrlcheck
+        self.exempt_level = "3"  # netsh ipsec dynamic set config ipsecexempt
         self._key_loaded = ""  # digest of the private key charon holds
 
     # ------------------------------------------------------------------ lifecycle
@@ -172,6 +235,16 @@ class StrongSwanEnforcer:
         (self.state_dir / "enforcer").mkdir(parents=True, exist_ok=True)
         self.charon.start()
         self.charon.watch(self._charon_exited)
+        self.monitor.start()
+        if self.kerberos is not None:
+            self._keying = KeyingService(
+                bind=("0.0.0.0", KEYING_PORT),
+                keytab=self.kerberos.keytab,
+                principal=self.kerberos.principal,
+                on_key=self._pair_key,
+                krb5_env=self.kerberos.krb5_env,
+            )
+            self._keying.start()
         self._listener = NflogListener(LOG_GROUP)
         self._acquire = threading.Thread(target=self._acquire_loop, name="enforce-acquire", daemon=True)
         self._acquire.start()
@@ -181,8 +254,11 @@ class StrongSwanEnforcer:
         self._stopping.set()
         with self._lock:
             with contextlib.suppress(Exception):
-                nft.flush()
+                self.filters.flush()
             self.charon.stop()
+        self.monitor.stop()
+        if self._keying is not None:
+            self._keying.stop()
         if self._acquire is not None:
             self._acquire.join(timeout=5)
         if self._listener is not None:
@@ -193,6 +269,57 @@ class StrongSwanEnforcer:
 
     def describe(self) -> str:
         return f"strongswan: enforcing with charon ({self.caps.backend}) and nftables"
+
+    # ------------------------------------------------------------------ monitoring
+
+    def statistics(self) -> agent_pb.IpsecStatistics:
+        snap = self.monitor.snapshot()
+        out = agent_pb.IpsecStatistics(
+            ipsec_active=self.policy is not None and self.policy.HasField("policy"),
+            policy_name=self.policy.policy.name if self.policy is not None else "",
+            enforcer=self.describe(),
+            since_unix_ms=self.stats.since_unix_ms,
+            time_unix_ms=int(time.time() * 1000),
+        )
+        for key, name in MAIN_MODE_FIELDS:
+            out.main_mode.add(key=key, name=name, value=max(0, snap["main_mode"].get(key, 0)))
+        for key, name in QUICK_MODE_FIELDS:
+            out.quick_mode.add(key=key, name=name, value=max(0, snap["quick_mode"].get(key, 0)))
+        return out
+
+    def audit_events(self, since_unix_ms: int, ids: set[int] | None, limit: int) -> list[agent_pb.AuditEvent]:
+        return [
+            agent_pb.AuditEvent(id=e.id, time_unix_ms=e.time_unix_ms, fields=dict(e.fields), message=e.message)
+            for e in self.monitor.events(since_unix_ms, ids, limit)
+        ]
+
+    def security_associations(self) -> agent_pb.SecurityAssociations:
+        session = self.charon.session()
+        try:
+            return views.security_associations(session.list_sas())
+        finally:
+            _close(session)
+
+    def filters_in_force(self) -> agent_pb.Filters:
+        desired = self.desired
+        keys = {e.index: nft.entry_key(e) for e in desired.entries}
+        try:
+            counters = nft.entry_counters()
+        except Exception:  # the table may be gone (stopping); the filters are still worth showing
+            counters = {}
+        return views.filters(desired, keys, counters)
+
+    def configure(self, values: dict[str, str]) -> None:
+        """ikelogging (at once), strongcrlcheck (at once: re-applies the policy), ipsecexempt (given at start)."""
+        trace = values.get("ikelogging", "0") == "1"
+        if trace != (self.charon.ike_trace is not None):
+            self.charon.set_ike_trace(self.charon.run_dir / "ike-trace.log" if trace else None)
+        crl = values.get("strongcrlcheck", self.crl_check)
+        exempt = values.get("ipsecexempt", self.exempt_level)
+        changed = (crl, exempt) != (self.crl_check, self.exempt_level)
+        self.crl_check, self.exempt_level = crl, exempt
+        if changed and self.policy is not None and self.facts is not None:
+            self.apply(self.policy, self.facts)
 
     # ------------------------------------------------------------------ compile
 
@@ -207,6 +334,10 @@ class StrongSwanEnforcer:
                 platform=self.platform,
                 server=self.server,
                 identity=self.identity,
+                kerberos=self.kerberos is not None,
+                kdcs=self.kerberos.kdcs() if self.kerberos is not None else (),
+                crl_check=self.crl_check,
+                exempt_level=self.exempt_level,
             )
         )
 
@@ -264,22 +395,14 @@ class StrongSwanEnforcer:
                 return a
         return None
 
-    def _render(self, desired: Desired) -> str:
-        """The nft script for `desired` (not rendered again when the filters did not change)."""
-        if self._rendered is not None and self._rendered[:2] == (desired.entries, desired.exemptions):
-            return self._rendered[2]
-        script = nft.render(desired.entries, desired.exemptions, tun=self.tun, log_group=LOG_GROUP)
-        self._rendered = (desired.entries, desired.exemptions, script)
-        return script
-
     def _journal(self, record: dict[str, Any]) -> None:
         atomic_write(self.state_dir / JOURNAL, json.dumps(record, indent=1, sort_keys=True).encode())
 
     def _reconcile(self, desired: Desired, version: str) -> None:
-        prev_conns, prev_secrets, prev_script = dict(self.conns), dict(self.secrets), self.nft_script
+        prev_conns, prev_secrets, prev_filters = dict(self.conns), dict(self.secrets), self.nft_filters
         want = self._wanted(desired)
         wanted_secrets = {s.name: s for s in desired.secrets}
-        script = self._render(desired)
+        filters: nft.Filters = (desired.entries, desired.exemptions)
         plan = {
             "version": version,
             "load_conns": sorted(n for n, c in want.items() if n not in self.conns or self.conns[n].digest != c.digest),
@@ -288,18 +411,18 @@ class StrongSwanEnforcer:
                 n for n, s in wanted_secrets.items() if n not in self.secrets or self.secrets[n].digest != s.digest
             ),
             "unload_secrets": sorted(n for n in self.secrets if n not in wanted_secrets),
-            "filters_change": script != self.nft_script,
+            "filters_change": filters != self.nft_filters,
             "started_unix_ms": int(time.time() * 1000),
             "state": "applying",
         }
         self._journal(plan)
         try:
-            self._converge(want, wanted_secrets, script)
+            self._converge(want, wanted_secrets, filters)
         except Exception as exc:
             reason = f"applying version {version[:12]} failed: {exc}"
             _log.error("%s; rolling back", reason)
             try:
-                self._converge(prev_conns, prev_secrets, prev_script)
+                self._converge(prev_conns, prev_secrets, prev_filters)
                 reason += "; the previous policy is back in force"
             except Exception as again:  # pragma: no cover - charon gone mid-rollback
                 reason += f"; rollback also failed: {again}"
@@ -308,8 +431,8 @@ class StrongSwanEnforcer:
         self.instances = {n: v for n, v in self.instances.items() if n in want}
         self._journal({**plan, "state": "applied", "finished_unix_ms": int(time.time() * 1000)})
 
-    def _converge(self, want: dict[str, Connection], secrets: dict[str, Secret], script: str) -> None:
-        """Make charon and nft hold exactly `want`, `secrets` and `script`."""
+    def _converge(self, want: dict[str, Connection], secrets: dict[str, Secret], filters: nft.Filters | None) -> None:
+        """Make charon and nft hold exactly `want`, `secrets` and `filters` (None: leave the filter table as it is)."""
         session = self.charon.session()
         try:
             self._load_key(session)
@@ -333,9 +456,9 @@ class StrongSwanEnforcer:
             for name in [n for n in self.secrets if n not in secrets]:
                 session.unload_shared({"id": name})
                 del self.secrets[name]
-            if script != self.nft_script:
-                nft.apply(script)
-                self.nft_script = script
+            if filters is not None and filters != self.nft_filters:
+                self.filters.apply(*filters)
+                self.nft_filters = filters
         finally:
             _close(session)
 
@@ -364,15 +487,11 @@ class StrongSwanEnforcer:
                     self._on_acquire(pkt.prefix, pkt.src, pkt.dst)
 
     def _on_acquire(self, prefix: str, src: str, dst: str) -> None:
-        try:
-            index = int(prefix.split(":", 1)[1].strip())
-        except ValueError:
-            return
+        tag = prefix[len(nft.ACQUIRE_PREFIX) :].strip()  # "pa-acq:<entry key> "
         with self._lock:
-            entries = self.desired.entries
-            if index >= len(entries):
+            entry = self.filters.keys().get(tag)
+            if entry is None:
                 return
-            entry = entries[index]
             conn = self.desired.connection(entry.connection)
             if conn is None or not conn.initiates:
                 return
@@ -385,7 +504,12 @@ class StrongSwanEnforcer:
             target=self._negotiate, args=(conn, entry, dst, src), name=f"negotiate-{dst}", daemon=True
         ).start()
 
-    def _negotiate(self, conn: Connection, entry: FilterEntry, peer: str, local: str) -> None:
+    def _live_pair_keys(self) -> list[PairKey]:
+        now = time.time()
+        self._pair_keys.drop_expired(now)
+        return self._pair_keys.due(now, margin_s=float("inf"))  # every key still valid
+
+    def _negotiate(self, conn: Connection, entry: FilterEntry | None, peer: str, local: str) -> None:
         key = (conn.name, peer)
         try:
             with self._lock:
@@ -403,17 +527,22 @@ class StrongSwanEnforcer:
                     _close(session)
             child = next(iter(inst.body["children"]))
             self.stats.negotiations_started += 1
+            self.monitor.acquire_started()
             started = time.monotonic()
             session = self.charon.session(timeout=30)
             try:
+                if inst.kerberos:
+                    self._ensure_pair_key(peer, local)
                 for _ in session.initiate({"child": child, "ike": inst.name, "timeout": "15000", "init-limits": "no"}):
                     pass
                 self.stats.negotiations_succeeded += 1
+                self.monitor.acquire_finished(True)
                 _log.info(
                     "security negotiated with %s", peer,
                     extra={"connection": inst.name, "ms": round((time.monotonic() - started) * 1000)},
                 )
             except Exception as exc:
+                self.monitor.acquire_finished(False)
                 self._negotiation_failed(entry, inst, peer, str(exc))
             finally:
                 _close(session)
@@ -421,10 +550,58 @@ class StrongSwanEnforcer:
             with self._lock:
                 self._inflight.discard(key)
 
-    def _negotiation_failed(self, entry: FilterEntry, inst: Connection, peer: str, why: str) -> None:
+    # ------------------------------------------------------------------ Kerberos keying
+
+    def _ensure_pair_key(self, peer: str, local: str) -> None:
+        """Key the IKE SA with `peer` through the Kerberos keying exchange unless a fresh key is at hand."""
+        assert self.kerberos is not None
+        current = self._pair_keys.get(local, peer)
+        if current is not None and current.renew_at() > time.time():
+            return
+        target = discover_principal(peer)
+        pair = negotiate_key(
+            peer,
+            KEYING_PORT,
+            local_principal=self.kerberos.principal,
+            keytab=self.kerberos.keytab,
+            target_principal=target,
+            krb5_env=self.kerberos.krb5_env,
+            source_ip=local,
+        )
+        self._pair_key(pair)
+
+    def _pair_key(self, pair: PairKey) -> None:
+        """A new Kerberos-derived key for a pair (ours or the peer's initiative): give it to charon."""
+        if not self._pair_keys.offer(pair):
+            return
+        with self._lock:
+            self._load_pair_key(pair)
+
+    def _load_pair_key(self, pair: PairKey) -> None:
+        session = self.charon.session()
+        try:
+            session.load_shared(
+                {
+                    "id": f"kerberos-{pair.peer_ip}",
+                    "type": "IKE",
+                    "data": pair.psk.hex(),
+                    "owners": [pair.local_ip, pair.peer_ip],
+                }
+            )
+        finally:
+            _close(session)
+        _log.info(
+            "Kerberos-keyed IKE secret loaded for %s (%s), key %s", pair.peer_ip, pair.peer_principal, pair.key_id
+        )
+
+    def _negotiation_failed(self, entry: FilterEntry | None, inst: Connection, peer: str, why: str) -> None:
+        if entry is None:
+            _log.warning("re-negotiation with %s failed", peer, extra={"connection": inst.name, "reason": why})
+            return
         if entry.fallback_to_clear:
             nft.soft_add(peer, SOFT_SA_SECONDS)
             self.stats.soft_associations += 1
+            self.monitor.soft_association(peer)
             _log.warning(
                 "no IPsec answer from %s: soft association (clear traffic allowed for %d s)", peer, SOFT_SA_SECONDS,
                 extra={"connection": inst.name, "reason": why},
@@ -447,13 +624,25 @@ class StrongSwanEnforcer:
         self.stats.charon_restarts += 1
         with self._lock:
             try:
-                self.charon.restart()
-                self.charon.watch(self._charon_exited)
-                self.conns, self.secrets, self.instances, self._key_loaded = {}, {}, {}, ""
+                self.charon.restart()  # the watch carries over
+                self.conns, self.secrets, self._key_loaded = {}, {}, ""
                 secrets = {s.name: s for s in self.desired.secrets}
-                self._converge(self._wanted(self.desired), secrets, self.nft_script)
+                # self.instances is kept: the per-peer connections are loaded again with the rest
+                self._converge(self._wanted(self.desired), secrets, self.nft_filters)
+                for pair in self._live_pair_keys():
+                    self._load_pair_key(pair)
+                again = [(self.conns[n], peer) for n, (_t, peer) in self.instances.items() if n in self.conns]
             except Exception:
                 _log.exception("restarting charon failed")
+                return
+        # Peers still hold SAs with the charon that died; negotiating afresh replaces them at once
+        # (IKEv1 INITIAL-CONTACT), rather than when dead peer detection notices.
+        for conn, peer in again:
+            local = self._local_for(peer)
+            if local is not None:
+                threading.Thread(
+                    target=self._negotiate, args=(conn, None, peer, local), name=f"renegotiate-{peer}", daemon=True
+                ).start()
 
 
 __all__ = ["LOG_GROUP", "Statistics", "StrongSwanEnforcer", "host_addresses"]

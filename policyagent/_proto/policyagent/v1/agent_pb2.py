@@ -25,21 +25,61 @@ _sym_db = _symbol_database.Default()
 from policyagent._proto.policyagent.v1 import distribution_pb2 as policyagent_dot_v1_dot_distribution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apolicyagent/v1/agent.proto\x12\x0epolicyagent.v1\x1a!policyagent/v1/distribution.proto\"\x14\n\x12LocalStatusRequest\"-\n\x12LocalPolicyRequest\x12\x17\n\x0finclude_secrets\x18\x01 \x01(\x08\"\xb0\x03\n\x0bLocalStatus\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12 \n\x18\x63onnection_since_unix_ms\x18\x04 \x01(\x03\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1a\n\x12next_retry_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x61pplied_version\x18\x07 \x01(\t\x12\x16\n\x0e\x61pplied_source\x18\x08 \x01(\t\x12\x18\n\x10running_on_cache\x18\t \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\n \x01(\x03\x12\x19\n\x11last_nack_version\x18\x0b \x01(\t\x12\x18\n\x10last_nack_reason\x18\x0c \x01(\t\x12\x10\n\x08\x65nforcer\x18\r \x01(\t\x12\x10\n\x08\x65nforces\x18\x0e \x01(\x08\x12\x32\n\x0c\x63\x61pabilities\x18\x0f \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x0f\n\x07summary\x18\x10 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x11 \x01(\t\"f\n\x0c\x43\x61\x63hedPolicy\x12/\n\x06policy\x18\x01 \x01(\x0b\x32\x1f.policyagent.v1.EffectivePolicy\x12\x15\n\rsaved_unix_ms\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t2\xb5\x01\n\nAgentLocal\x12L\n\tGetStatus\x12\".policyagent.v1.LocalStatusRequest\x1a\x1b.policyagent.v1.LocalStatus\x12Y\n\x12GetEffectivePolicy\x12\".policyagent.v1.LocalPolicyRequest\x1a\x1f.policyagent.v1.EffectivePolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apolicyagent/v1/agent.proto\x12\x0epolicyagent.v1\x1a!policyagent/v1/distribution.proto\"\x1d\n\x1bSecurityAssociationsRequest\"\xd8\x02\n\nMainModeSA\x12\x12\n\nconnection\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rlocal_address\x18\x03 \x01(\t\x12\x16\n\x0eremote_address\x18\x04 \x01(\t\x12\x10\n\x08local_id\x18\x05 \x01(\t\x12\x11\n\tremote_id\x18\x06 \x01(\t\x12\x0c\n\x04\x61uth\x18\x07 \x01(\t\x12\x12\n\nencryption\x18\x08 \x01(\t\x12\x11\n\tintegrity\x18\t \x01(\t\x12\x10\n\x08\x64h_group\x18\n \x01(\t\x12\x18\n\x10initiator_cookie\x18\x0b \x01(\t\x12\x18\n\x10responder_cookie\x18\x0c \x01(\t\x12\x11\n\tinitiator\x18\r \x01(\x08\x12\x1b\n\x13\x65stablished_unix_ms\x18\x0e \x01(\x03\x12\x13\n\x0breauth_in_s\x18\x0f \x01(\r\x12\x13\n\x0bike_version\x18\x10 \x01(\r\"\xb7\x03\n\x0bQuickModeSA\x12\x12\n\nconnection\x18\x01 \x01(\t\x12\r\n\x05\x63hild\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x14\n\x0c\x65ncapsulated\x18\x06 \x01(\x08\x12\x15\n\rlocal_address\x18\x07 \x01(\t\x12\x16\n\x0eremote_address\x18\x08 \x01(\t\x12\x10\n\x08local_ts\x18\t \x03(\t\x12\x11\n\tremote_ts\x18\n \x03(\t\x12\x12\n\nencryption\x18\x0b \x01(\t\x12\x11\n\tintegrity\x18\x0c \x01(\t\x12\x11\n\tpfs_group\x18\r \x01(\t\x12\x0e\n\x06spi_in\x18\x0e \x01(\t\x12\x0f\n\x07spi_out\x18\x0f \x01(\t\x12\x10\n\x08\x62ytes_in\x18\x10 \x01(\x04\x12\x11\n\tbytes_out\x18\x11 \x01(\x04\x12\x12\n\npackets_in\x18\x12 \x01(\x04\x12\x13\n\x0bpackets_out\x18\x13 \x01(\x04\x12\x19\n\x11installed_unix_ms\x18\x14 \x01(\x03\x12\x12\n\nrekey_in_s\x18\x15 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x16 \x01(\r\"v\n\x14SecurityAssociations\x12-\n\tmain_mode\x18\x01 \x03(\x0b\x32\x1a.policyagent.v1.MainModeSA\x12/\n\nquick_mode\x18\x02 \x03(\x0b\x32\x1b.policyagent.v1.QuickModeSA\"\x10\n\x0e\x46iltersRequest\"\x9e\x02\n\rFilterInForce\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65stination\x18\x05 \x03(\t\x12\x10\n\x08protocol\x18\x06 \x01(\r\x12\x13\n\x0bsource_port\x18\x07 \x01(\r\x12\x18\n\x10\x64\x65stination_port\x18\x08 \x01(\r\x12\x0e\n\x06weight\x18\t \x01(\x03\x12\x1b\n\x13inbound_passthrough\x18\n \x01(\x08\x12\x19\n\x11\x66\x61llback_to_clear\x18\x0b \x01(\x08\x12\x12\n\nconnection\x18\x0c \x01(\t\x12\x0f\n\x07packets\x18\r \x01(\x04\x12\r\n\x05\x62ytes\x18\x0e \x01(\x04\"\x91\x01\n\x11NegotiationPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x15\n\rike_proposals\x18\x03 \x03(\t\x12\x15\n\resp_proposals\x18\x04 \x03(\t\x12\x0c\n\x04\x61uth\x18\x05 \x01(\t\x12\x11\n\tinitiates\x18\x06 \x01(\x08\x12\x10\n\x08per_peer\x18\x07 \x01(\x08\"\x91\x01\n\x07\x46ilters\x12.\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x1d.policyagent.v1.FilterInForce\x12\x33\n\x08policies\x18\x02 \x03(\x0b\x32!.policyagent.v1.NegotiationPolicy\x12\x12\n\nexemptions\x18\x03 \x03(\t\x12\r\n\x05notes\x18\x04 \x03(\t\"\x0f\n\rConfigRequest\"i\n\x0b\x43onfigValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07pending\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x17\n\x0f\x61pplies_at_once\x18\x05 \x01(\x08\"@\n\x11\x41gentConfigValues\x12+\n\x06values\x18\x01 \x03(\x0b\x32\x1b.policyagent.v1.ConfigValue\"/\n\x10SetConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x13\n\x11StatisticsRequest\"3\n\x07\x43ounter\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x04\"\xd4\x01\n\x0fIpsecStatistics\x12*\n\tmain_mode\x18\x01 \x03(\x0b\x32\x17.policyagent.v1.Counter\x12+\n\nquick_mode\x18\x02 \x03(\x0b\x32\x17.policyagent.v1.Counter\x12\x14\n\x0cipsec_active\x18\x03 \x01(\x08\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\x10\n\x08\x65nforcer\x18\x05 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0ctime_unix_ms\x18\x07 \x01(\x03\"G\n\x12\x41uditEventsRequest\x12\x15\n\rsince_unix_ms\x18\x01 \x01(\x03\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\r\n\x05limit\x18\x03 \x01(\r\"\xb8\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\r\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x36\n\x06\x66ields\x18\x03 \x03(\x0b\x32&.policyagent.v1.AuditEvent.FieldsEntry\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08\x63omputer\x18\x05 \x01(\t\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x0b\x41uditEvents\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.policyagent.v1.AuditEvent\"\x14\n\x12LocalStatusRequest\"-\n\x12LocalPolicyRequest\x12\x17\n\x0finclude_secrets\x18\x01 \x01(\x08\"\xb0\x03\n\x0bLocalStatus\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12 \n\x18\x63onnection_since_unix_ms\x18\x04 \x01(\x03\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1a\n\x12next_retry_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x61pplied_version\x18\x07 \x01(\t\x12\x16\n\x0e\x61pplied_source\x18\x08 \x01(\t\x12\x18\n\x10running_on_cache\x18\t \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\n \x01(\x03\x12\x19\n\x11last_nack_version\x18\x0b \x01(\t\x12\x18\n\x10last_nack_reason\x18\x0c \x01(\t\x12\x10\n\x08\x65nforcer\x18\r \x01(\t\x12\x10\n\x08\x65nforces\x18\x0e \x01(\x08\x12\x32\n\x0c\x63\x61pabilities\x18\x0f \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x0f\n\x07summary\x18\x10 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x11 \x01(\t\"f\n\x0c\x43\x61\x63hedPolicy\x12/\n\x06policy\x18\x01 \x01(\x0b\x32\x1f.policyagent.v1.EffectivePolicy\x12\x15\n\rsaved_unix_ms\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t2\xb6\x05\n\nAgentLocal\x12L\n\tGetStatus\x12\".policyagent.v1.LocalStatusRequest\x1a\x1b.policyagent.v1.LocalStatus\x12Y\n\x12GetEffectivePolicy\x12\".policyagent.v1.LocalPolicyRequest\x1a\x1f.policyagent.v1.EffectivePolicy\x12S\n\rGetStatistics\x12!.policyagent.v1.StatisticsRequest\x1a\x1f.policyagent.v1.IpsecStatistics\x12R\n\x0fListAuditEvents\x12\".policyagent.v1.AuditEventsRequest\x1a\x1b.policyagent.v1.AuditEvents\x12m\n\x18ListSecurityAssociations\x12+.policyagent.v1.SecurityAssociationsRequest\x1a$.policyagent.v1.SecurityAssociations\x12\x46\n\x0bListFilters\x12\x1e.policyagent.v1.FiltersRequest\x1a\x17.policyagent.v1.Filters\x12M\n\tGetConfig\x12\x1d.policyagent.v1.ConfigRequest\x1a!.policyagent.v1.AgentConfigValues\x12P\n\tSetConfig\x12 .policyagent.v1.SetConfigRequest\x1a!.policyagent.v1.AgentConfigValuesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policyagent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOCALSTATUSREQUEST']._serialized_start=81
-  _globals['_LOCALSTATUSREQUEST']._serialized_end=101
-  _globals['_LOCALPOLICYREQUEST']._serialized_start=103
-  _globals['_LOCALPOLICYREQUEST']._serialized_end=148
-  _globals['_LOCALSTATUS']._serialized_start=151
-  _globals['_LOCALSTATUS']._serialized_end=583
-  _globals['_CACHEDPOLICY']._serialized_start=585
-  _globals['_CACHEDPOLICY']._serialized_end=687
-  _globals['_AGENTLOCAL']._serialized_start=690
-  _globals['_AGENTLOCAL']._serialized_end=871
+  _globals['_AUDITEVENT_FIELDSENTRY']._loaded_options = None
+  _globals['_AUDITEVENT_FIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_SECURITYASSOCIATIONSREQUEST']._serialized_start=81
+  _globals['_SECURITYASSOCIATIONSREQUEST']._serialized_end=110
+  _globals['_MAINMODESA']._serialized_start=113
+  _globals['_MAINMODESA']._serialized_end=457
+  _globals['_QUICKMODESA']._serialized_start=460
+  _globals['_QUICKMODESA']._serialized_end=899
+  _globals['_SECURITYASSOCIATIONS']._serialized_start=901
+  _globals['_SECURITYASSOCIATIONS']._serialized_end=1019
+  _globals['_FILTERSREQUEST']._serialized_start=1021
+  _globals['_FILTERSREQUEST']._serialized_end=1037
+  _globals['_FILTERINFORCE']._serialized_start=1040
+  _globals['_FILTERINFORCE']._serialized_end=1326
+  _globals['_NEGOTIATIONPOLICY']._serialized_start=1329
+  _globals['_NEGOTIATIONPOLICY']._serialized_end=1474
+  _globals['_FILTERS']._serialized_start=1477
+  _globals['_FILTERS']._serialized_end=1622
+  _globals['_CONFIGREQUEST']._serialized_start=1624
+  _globals['_CONFIGREQUEST']._serialized_end=1639
+  _globals['_CONFIGVALUE']._serialized_start=1641
+  _globals['_CONFIGVALUE']._serialized_end=1746
+  _globals['_AGENTCONFIGVALUES']._serialized_start=1748
+  _globals['_AGENTCONFIGVALUES']._serialized_end=1812
+  _globals['_SETCONFIGREQUEST']._serialized_start=1814
+  _globals['_SETCONFIGREQUEST']._serialized_end=1861
+  _globals['_STATISTICSREQUEST']._serialized_start=1863
+  _globals['_STATISTICSREQUEST']._serialized_end=1882
+  _globals['_COUNTER']._serialized_start=1884
+  _globals['_COUNTER']._serialized_end=1935
+  _globals['_IPSECSTATISTICS']._serialized_start=1938
+  _globals['_IPSECSTATISTICS']._serialized_end=2150
+  _globals['_AUDITEVENTSREQUEST']._serialized_start=2152
+  _globals['_AUDITEVENTSREQUEST']._serialized_end=2223
+  _globals['_AUDITEVENT']._serialized_start=2226
+  _globals['_AUDITEVENT']._serialized_end=2410
+  _globals['_AUDITEVENT_FIELDSENTRY']._serialized_start=2365
+  _globals['_AUDITEVENT_FIELDSENTRY']._serialized_end=2410
+  _globals['_AUDITEVENTS']._serialized_start=2412
+  _globals['_AUDITEVENTS']._serialized_end=2469
+  _globals['_LOCALSTATUSREQUEST']._serialized_start=2471
+  _globals['_LOCALSTATUSREQUEST']._serialized_end=2491
+  _globals['_LOCALPOLICYREQUEST']._serialized_start=2493
+  _globals['_LOCALPOLICYREQUEST']._serialized_end=2538
+  _globals['_LOCALSTATUS']._serialized_start=2541
+  _globals['_LOCALSTATUS']._serialized_end=2973
+  _globals['_CACHEDPOLICY']._serialized_start=2975
+  _globals['_CACHEDPOLICY']._serialized_end=3077
+  _globals['_AGENTLOCAL']._serialized_start=3080
+  _globals['_AGENTLOCAL']._serialized_end=3774
 # @@protoc_insertion_point(module_scope)

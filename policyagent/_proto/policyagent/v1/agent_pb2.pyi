@@ -6,8 +6,10 @@ AgentLocal: the agent's own admin API on its unix socket (DESIGN §5), used by
 PolicyAdmin for the agent's local static store (`netsh -r unix:PATH`).
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from policyagent._proto.policyagent.v1 import distribution_pb2 as _distribution_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +21,636 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class SecurityAssociationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecurityAssociationsRequest: _TypeAlias = SecurityAssociationsRequest  # noqa: Y015
+
+@_typing.final
+class MainModeSA(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LOCAL_ADDRESS_FIELD_NUMBER: _builtins.int
+    REMOTE_ADDRESS_FIELD_NUMBER: _builtins.int
+    LOCAL_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_ID_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
+    INTEGRITY_FIELD_NUMBER: _builtins.int
+    DH_GROUP_FIELD_NUMBER: _builtins.int
+    INITIATOR_COOKIE_FIELD_NUMBER: _builtins.int
+    RESPONDER_COOKIE_FIELD_NUMBER: _builtins.int
+    INITIATOR_FIELD_NUMBER: _builtins.int
+    ESTABLISHED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    REAUTH_IN_S_FIELD_NUMBER: _builtins.int
+    IKE_VERSION_FIELD_NUMBER: _builtins.int
+    connection: _builtins.str
+    state: _builtins.str
+    """e.g. "ESTABLISHED", "CONNECTING" """
+    local_address: _builtins.str
+    remote_address: _builtins.str
+    local_id: _builtins.str
+    remote_id: _builtins.str
+    auth: _builtins.str
+    """"psk" | "pubkey" | ..."""
+    encryption: _builtins.str
+    integrity: _builtins.str
+    dh_group: _builtins.str
+    initiator_cookie: _builtins.str
+    responder_cookie: _builtins.str
+    initiator: _builtins.bool
+    """this host initiated"""
+    established_unix_ms: _builtins.int
+    reauth_in_s: _builtins.int
+    ike_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        connection: _builtins.str = ...,
+        state: _builtins.str = ...,
+        local_address: _builtins.str = ...,
+        remote_address: _builtins.str = ...,
+        local_id: _builtins.str = ...,
+        remote_id: _builtins.str = ...,
+        auth: _builtins.str = ...,
+        encryption: _builtins.str = ...,
+        integrity: _builtins.str = ...,
+        dh_group: _builtins.str = ...,
+        initiator_cookie: _builtins.str = ...,
+        responder_cookie: _builtins.str = ...,
+        initiator: _builtins.bool = ...,
+        established_unix_ms: _builtins.int = ...,
+        reauth_in_s: _builtins.int = ...,
+        ike_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "connection", b"connection", "dh_group", b"dh_group", "encryption", b"encryption", "established_unix_ms", b"established_unix_ms", "ike_version", b"ike_version", "initiator", b"initiator", "initiator_cookie", b"initiator_cookie", "integrity", b"integrity", "local_address", b"local_address", "local_id", b"local_id", "reauth_in_s", b"reauth_in_s", "remote_address", b"remote_address", "remote_id", b"remote_id", "responder_cookie", b"responder_cookie", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MainModeSA: _TypeAlias = MainModeSA  # noqa: Y015
+
+@_typing.final
+class QuickModeSA(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    CHILD_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    ENCAPSULATED_FIELD_NUMBER: _builtins.int
+    LOCAL_ADDRESS_FIELD_NUMBER: _builtins.int
+    REMOTE_ADDRESS_FIELD_NUMBER: _builtins.int
+    LOCAL_TS_FIELD_NUMBER: _builtins.int
+    REMOTE_TS_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
+    INTEGRITY_FIELD_NUMBER: _builtins.int
+    PFS_GROUP_FIELD_NUMBER: _builtins.int
+    SPI_IN_FIELD_NUMBER: _builtins.int
+    SPI_OUT_FIELD_NUMBER: _builtins.int
+    BYTES_IN_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
+    PACKETS_IN_FIELD_NUMBER: _builtins.int
+    PACKETS_OUT_FIELD_NUMBER: _builtins.int
+    INSTALLED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    REKEY_IN_S_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_S_FIELD_NUMBER: _builtins.int
+    connection: _builtins.str
+    """IKE connection"""
+    child: _builtins.str
+    state: _builtins.str
+    mode: _builtins.str
+    """"TUNNEL" (here "TUNNEL-in-UDP" when encapsulated) | "TRANSPORT" """
+    protocol: _builtins.str
+    """"ESP" | "AH" """
+    encapsulated: _builtins.bool
+    """ESP in UDP 4500"""
+    local_address: _builtins.str
+    remote_address: _builtins.str
+    encryption: _builtins.str
+    integrity: _builtins.str
+    pfs_group: _builtins.str
+    spi_in: _builtins.str
+    spi_out: _builtins.str
+    bytes_in: _builtins.int
+    bytes_out: _builtins.int
+    packets_in: _builtins.int
+    packets_out: _builtins.int
+    installed_unix_ms: _builtins.int
+    rekey_in_s: _builtins.int
+    expires_in_s: _builtins.int
+    @_builtins.property
+    def local_ts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def remote_ts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        connection: _builtins.str = ...,
+        child: _builtins.str = ...,
+        state: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        protocol: _builtins.str = ...,
+        encapsulated: _builtins.bool = ...,
+        local_address: _builtins.str = ...,
+        remote_address: _builtins.str = ...,
+        local_ts: _abc.Iterable[_builtins.str] | None = ...,
+        remote_ts: _abc.Iterable[_builtins.str] | None = ...,
+        encryption: _builtins.str = ...,
+        integrity: _builtins.str = ...,
+        pfs_group: _builtins.str = ...,
+        spi_in: _builtins.str = ...,
+        spi_out: _builtins.str = ...,
+        bytes_in: _builtins.int = ...,
+        bytes_out: _builtins.int = ...,
+        packets_in: _builtins.int = ...,
+        packets_out: _builtins.int = ...,
+        installed_unix_ms: _builtins.int = ...,
+        rekey_in_s: _builtins.int = ...,
+        expires_in_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "child", b"child", "connection", b"connection", "encapsulated", b"encapsulated", "encryption", b"encryption", "expires_in_s", b"expires_in_s", "installed_unix_ms", b"installed_unix_ms", "integrity", b"integrity", "local_address", b"local_address", "local_ts", b"local_ts", "mode", b"mode", "packets_in", b"packets_in", "packets_out", b"packets_out", "pfs_group", b"pfs_group", "protocol", b"protocol", "rekey_in_s", b"rekey_in_s", "remote_address", b"remote_address", "remote_ts", b"remote_ts", "spi_in", b"spi_in", "spi_out", b"spi_out", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuickModeSA: _TypeAlias = QuickModeSA  # noqa: Y015
+
+@_typing.final
+class SecurityAssociations(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAIN_MODE_FIELD_NUMBER: _builtins.int
+    QUICK_MODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def main_mode(self) -> _containers.RepeatedCompositeFieldContainer[Global___MainModeSA]: ...
+    @_builtins.property
+    def quick_mode(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuickModeSA]: ...
+    def __init__(
+        self,
+        *,
+        main_mode: _abc.Iterable[Global___MainModeSA] | None = ...,
+        quick_mode: _abc.Iterable[Global___QuickModeSA] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["main_mode", b"main_mode", "quick_mode", b"quick_mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecurityAssociations: _TypeAlias = SecurityAssociations  # noqa: Y015
+
+@_typing.final
+class FiltersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FiltersRequest: _TypeAlias = FiltersRequest  # noqa: Y015
+
+@_typing.final
+class FilterInForce(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    SOURCE_PORT_FIELD_NUMBER: _builtins.int
+    DESTINATION_PORT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    INBOUND_PASSTHROUGH_FIELD_NUMBER: _builtins.int
+    FALLBACK_TO_CLEAR_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    PACKETS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """the nft entry key (rule comments "pa:<key>")"""
+    label: _builtins.str
+    """policy/rule/filter it comes from"""
+    verdict: _builtins.str
+    """"permit" | "block" | "negotiate" """
+    protocol: _builtins.int
+    source_port: _builtins.int
+    destination_port: _builtins.int
+    weight: _builtins.int
+    inbound_passthrough: _builtins.bool
+    fallback_to_clear: _builtins.bool
+    connection: _builtins.str
+    """negotiate: the main/quick mode policy (connection) used"""
+    packets: _builtins.int
+    bytes: _builtins.int
+    @_builtins.property
+    def source(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CIDRs; empty = any"""
+
+    @_builtins.property
+    def destination(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        label: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        source: _abc.Iterable[_builtins.str] | None = ...,
+        destination: _abc.Iterable[_builtins.str] | None = ...,
+        protocol: _builtins.int = ...,
+        source_port: _builtins.int = ...,
+        destination_port: _builtins.int = ...,
+        weight: _builtins.int = ...,
+        inbound_passthrough: _builtins.bool = ...,
+        fallback_to_clear: _builtins.bool = ...,
+        connection: _builtins.str = ...,
+        packets: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "connection", b"connection", "destination", b"destination", "destination_port", b"destination_port", "fallback_to_clear", b"fallback_to_clear", "inbound_passthrough", b"inbound_passthrough", "key", b"key", "label", b"label", "packets", b"packets", "protocol", b"protocol", "source", b"source", "source_port", b"source_port", "verdict", b"verdict", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterInForce: _TypeAlias = FilterInForce  # noqa: Y015
+
+@_typing.final
+class NegotiationPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    IKE_PROPOSALS_FIELD_NUMBER: _builtins.int
+    ESP_PROPOSALS_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    INITIATES_FIELD_NUMBER: _builtins.int
+    PER_PEER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    label: _builtins.str
+    auth: _builtins.str
+    initiates: _builtins.bool
+    """false: responder only (the default response rule)"""
+    per_peer: _builtins.bool
+    """instantiated per peer when traffic needs it"""
+    @_builtins.property
+    def ike_proposals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def esp_proposals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        label: _builtins.str = ...,
+        ike_proposals: _abc.Iterable[_builtins.str] | None = ...,
+        esp_proposals: _abc.Iterable[_builtins.str] | None = ...,
+        auth: _builtins.str = ...,
+        initiates: _builtins.bool = ...,
+        per_peer: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "esp_proposals", b"esp_proposals", "ike_proposals", b"ike_proposals", "initiates", b"initiates", "label", b"label", "name", b"name", "per_peer", b"per_peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NegotiationPolicy: _TypeAlias = NegotiationPolicy  # noqa: Y015
+
+@_typing.final
+class Filters(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTERS_FIELD_NUMBER: _builtins.int
+    POLICIES_FIELD_NUMBER: _builtins.int
+    EXEMPTIONS_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterInForce]: ...
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___NegotiationPolicy]: ...
+    @_builtins.property
+    def exemptions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        filters: _abc.Iterable[Global___FilterInForce] | None = ...,
+        policies: _abc.Iterable[Global___NegotiationPolicy] | None = ...,
+        exemptions: _abc.Iterable[_builtins.str] | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exemptions", b"exemptions", "filters", b"filters", "notes", b"notes", "policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Filters: _TypeAlias = Filters  # noqa: Y015
+
+@_typing.final
+class ConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigRequest: _TypeAlias = ConfigRequest  # noqa: Y015
+
+@_typing.final
+class ConfigValue(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    APPLIES_AT_ONCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """e.g. "ikelogging" """
+    value: _builtins.str
+    """in force now"""
+    pending: _builtins.str
+    """set, takes effect when the agent restarts ("" = none pending)"""
+    description: _builtins.str
+    applies_at_once: _builtins.bool
+    """false: Windows applies it at the next start"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+        pending: _builtins.str = ...,
+        description: _builtins.str = ...,
+        applies_at_once: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies_at_once", b"applies_at_once", "description", b"description", "name", b"name", "pending", b"pending", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigValue: _TypeAlias = ConfigValue  # noqa: Y015
+
+@_typing.final
+class AgentConfigValues(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfigValue]: ...
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[Global___ConfigValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentConfigValues: _TypeAlias = AgentConfigValues  # noqa: Y015
+
+@_typing.final
+class SetConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetConfigRequest: _TypeAlias = SetConfigRequest  # noqa: Y015
+
+@_typing.final
+class StatisticsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatisticsRequest: _TypeAlias = StatisticsRequest  # noqa: Y015
+
+@_typing.final
+class Counter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """e.g. "authentication_failures" """
+    name: _builtins.str
+    """the Windows display name, e.g. "Authentication Failures" """
+    value: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        name: _builtins.str = ...,
+        value: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Counter: _TypeAlias = Counter  # noqa: Y015
+
+@_typing.final
+class IpsecStatistics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAIN_MODE_FIELD_NUMBER: _builtins.int
+    QUICK_MODE_FIELD_NUMBER: _builtins.int
+    IPSEC_ACTIVE_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
+    ENFORCER_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ipsec_active: _builtins.bool
+    """an enforcing backend holds a policy"""
+    policy_name: _builtins.str
+    """the policy in force ("" = none)"""
+    enforcer: _builtins.str
+    since_unix_ms: _builtins.int
+    """statistics reset when the agent (re)starts"""
+    time_unix_ms: _builtins.int
+    @_builtins.property
+    def main_mode(self) -> _containers.RepeatedCompositeFieldContainer[Global___Counter]:
+        """in the IP Security Monitor's display order"""
+
+    @_builtins.property
+    def quick_mode(self) -> _containers.RepeatedCompositeFieldContainer[Global___Counter]: ...
+    def __init__(
+        self,
+        *,
+        main_mode: _abc.Iterable[Global___Counter] | None = ...,
+        quick_mode: _abc.Iterable[Global___Counter] | None = ...,
+        ipsec_active: _builtins.bool = ...,
+        policy_name: _builtins.str = ...,
+        enforcer: _builtins.str = ...,
+        since_unix_ms: _builtins.int = ...,
+        time_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcer", b"enforcer", "ipsec_active", b"ipsec_active", "main_mode", b"main_mode", "policy_name", b"policy_name", "quick_mode", b"quick_mode", "since_unix_ms", b"since_unix_ms", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IpsecStatistics: _TypeAlias = IpsecStatistics  # noqa: Y015
+
+@_typing.final
+class AuditEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    since_unix_ms: _builtins.int
+    limit: _builtins.int
+    """0 = 1000"""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """empty = all"""
+
+    def __init__(
+        self,
+        *,
+        since_unix_ms: _builtins.int = ...,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "limit", b"limit", "since_unix_ms", b"since_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEventsRequest: _TypeAlias = AuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    COMPUTER_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """541-547"""
+    time_unix_ms: _builtins.int
+    message: _builtins.str
+    computer: _builtins.str
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """e.g. "Peer Identity", "Filter" """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time_unix_ms: _builtins.int = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        message: _builtins.str = ...,
+        computer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer", b"computer", "fields", b"fields", "id", b"id", "message", b"message", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class AuditEvents(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvents: _TypeAlias = AuditEvents  # noqa: Y015
 
 @_typing.final
 class LocalStatusRequest(_message.Message):

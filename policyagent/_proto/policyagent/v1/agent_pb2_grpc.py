@@ -45,6 +45,36 @@ class AgentLocalStub:
                 request_serializer=policyagent_dot_v1_dot_agent__pb2.LocalPolicyRequest.SerializeToString,
                 response_deserializer=policyagent_dot_v1_dot_distribution__pb2.EffectivePolicy.FromString,
                 _registered_method=True)
+        self.GetStatistics = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/GetStatistics',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.StatisticsRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.IpsecStatistics.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/ListAuditEvents',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.AuditEventsRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.AuditEvents.FromString,
+                _registered_method=True)
+        self.ListSecurityAssociations = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/ListSecurityAssociations',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.SecurityAssociationsRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.SecurityAssociations.FromString,
+                _registered_method=True)
+        self.ListFilters = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/ListFilters',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.FiltersRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.Filters.FromString,
+                _registered_method=True)
+        self.GetConfig = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/GetConfig',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.ConfigRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.FromString,
+                _registered_method=True)
+        self.SetConfig = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/SetConfig',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.SetConfigRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.FromString,
+                _registered_method=True)
 
 
 class AgentLocalServicer:
@@ -63,6 +93,47 @@ class AgentLocalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatistics(self, request, context):
+        """The IP Security Monitor: main mode and quick mode statistics since the agent started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Audit events 541-547 recorded on this host, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecurityAssociations(self, request, context):
+        """Main mode and quick mode security associations (netsh ipsec dynamic show mmsas / qmsas).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFilters(self, request, context):
+        """The filters in force, most specific first, and the negotiation policies (show mmfilter / qmfilter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConfig(self, request, context):
+        """netsh ipsec dynamic set config / show config.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentLocalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +146,36 @@ def add_AgentLocalServicer_to_server(servicer, server):
                     servicer.GetEffectivePolicy,
                     request_deserializer=policyagent_dot_v1_dot_agent__pb2.LocalPolicyRequest.FromString,
                     response_serializer=policyagent_dot_v1_dot_distribution__pb2.EffectivePolicy.SerializeToString,
+            ),
+            'GetStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatistics,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.StatisticsRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.IpsecStatistics.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.AuditEventsRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.AuditEvents.SerializeToString,
+            ),
+            'ListSecurityAssociations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecurityAssociations,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.SecurityAssociationsRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.SecurityAssociations.SerializeToString,
+            ),
+            'ListFilters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFilters,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.FiltersRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.Filters.SerializeToString,
+            ),
+            'GetConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConfig,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.ConfigRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.SerializeToString,
+            ),
+            'SetConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetConfig,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.SetConfigRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +232,168 @@ class AgentLocal:
             '/policyagent.v1.AgentLocal/GetEffectivePolicy',
             policyagent_dot_v1_dot_agent__pb2.LocalPolicyRequest.SerializeToString,
             policyagent_dot_v1_dot_distribution__pb2.EffectivePolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/GetStatistics',
+            policyagent_dot_v1_dot_agent__pb2.StatisticsRequest.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.IpsecStatistics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/ListAuditEvents',
+            policyagent_dot_v1_dot_agent__pb2.AuditEventsRequest.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.AuditEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecurityAssociations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/ListSecurityAssociations',
+            policyagent_dot_v1_dot_agent__pb2.SecurityAssociationsRequest.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.SecurityAssociations.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFilters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/ListFilters',
+            policyagent_dot_v1_dot_agent__pb2.FiltersRequest.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.Filters.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/GetConfig',
+            policyagent_dot_v1_dot_agent__pb2.ConfigRequest.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/SetConfig',
+            policyagent_dot_v1_dot_agent__pb2.SetConfigRequest.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,17 @@ class AgentLocalStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_agent_pb2.LocalStatusRequest, _agent_pb2.LocalStatus]
     GetEffectivePolicy: _grpc.UnaryUnaryMultiCallable[_agent_pb2.LocalPolicyRequest, _distribution_pb2.EffectivePolicy]
     """The policy in force (pre-shared keys masked unless include_secrets)."""
+    GetStatistics: _grpc.UnaryUnaryMultiCallable[_agent_pb2.StatisticsRequest, _agent_pb2.IpsecStatistics]
+    """The IP Security Monitor: main mode and quick mode statistics since the agent started."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AuditEventsRequest, _agent_pb2.AuditEvents]
+    """Audit events 541-547 recorded on this host, oldest first."""
+    ListSecurityAssociations: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SecurityAssociationsRequest, _agent_pb2.SecurityAssociations]
+    """Main mode and quick mode security associations (netsh ipsec dynamic show mmsas / qmsas)."""
+    ListFilters: _grpc.UnaryUnaryMultiCallable[_agent_pb2.FiltersRequest, _agent_pb2.Filters]
+    """The filters in force, most specific first, and the negotiation policies (show mmfilter / qmfilter)."""
+    GetConfig: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ConfigRequest, _agent_pb2.AgentConfigValues]
+    """netsh ipsec dynamic set config / show config."""
+    SetConfig: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SetConfigRequest, _agent_pb2.AgentConfigValues]
 
 @_typing.type_check_only
 class AgentLocalAsyncStub(AgentLocalStub):
@@ -45,6 +56,17 @@ class AgentLocalAsyncStub(AgentLocalStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_agent_pb2.LocalStatusRequest, _agent_pb2.LocalStatus]  # type: ignore[assignment]
     GetEffectivePolicy: _aio.UnaryUnaryMultiCallable[_agent_pb2.LocalPolicyRequest, _distribution_pb2.EffectivePolicy]  # type: ignore[assignment]
     """The policy in force (pre-shared keys masked unless include_secrets)."""
+    GetStatistics: _aio.UnaryUnaryMultiCallable[_agent_pb2.StatisticsRequest, _agent_pb2.IpsecStatistics]  # type: ignore[assignment]
+    """The IP Security Monitor: main mode and quick mode statistics since the agent started."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_agent_pb2.AuditEventsRequest, _agent_pb2.AuditEvents]  # type: ignore[assignment]
+    """Audit events 541-547 recorded on this host, oldest first."""
+    ListSecurityAssociations: _aio.UnaryUnaryMultiCallable[_agent_pb2.SecurityAssociationsRequest, _agent_pb2.SecurityAssociations]  # type: ignore[assignment]
+    """Main mode and quick mode security associations (netsh ipsec dynamic show mmsas / qmsas)."""
+    ListFilters: _aio.UnaryUnaryMultiCallable[_agent_pb2.FiltersRequest, _agent_pb2.Filters]  # type: ignore[assignment]
+    """The filters in force, most specific first, and the negotiation policies (show mmfilter / qmfilter)."""
+    GetConfig: _aio.UnaryUnaryMultiCallable[_agent_pb2.ConfigRequest, _agent_pb2.AgentConfigValues]  # type: ignore[assignment]
+    """netsh ipsec dynamic set config / show config."""
+    SetConfig: _aio.UnaryUnaryMultiCallable[_agent_pb2.SetConfigRequest, _agent_pb2.AgentConfigValues]  # type: ignore[assignment]
 
 class AgentLocalServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -61,5 +83,52 @@ class AgentLocalServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_distribution_pb2.EffectivePolicy, _abc.Awaitable[_distribution_pb2.EffectivePolicy]]:
         """The policy in force (pre-shared keys masked unless include_secrets)."""
+
+    @_abc_1.abstractmethod
+    def GetStatistics(
+        self,
+        request: _agent_pb2.StatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.IpsecStatistics, _abc.Awaitable[_agent_pb2.IpsecStatistics]]:
+        """The IP Security Monitor: main mode and quick mode statistics since the agent started."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _agent_pb2.AuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AuditEvents, _abc.Awaitable[_agent_pb2.AuditEvents]]:
+        """Audit events 541-547 recorded on this host, oldest first."""
+
+    @_abc_1.abstractmethod
+    def ListSecurityAssociations(
+        self,
+        request: _agent_pb2.SecurityAssociationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.SecurityAssociations, _abc.Awaitable[_agent_pb2.SecurityAssociations]]:
+        """Main mode and quick mode security associations (netsh ipsec dynamic show mmsas / qmsas)."""
+
+    @_abc_1.abstractmethod
+    def ListFilters(
+        self,
+        request: _agent_pb2.FiltersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.Filters, _abc.Awaitable[_agent_pb2.Filters]]:
+        """The filters in force, most specific first, and the negotiation policies (show mmfilter / qmfilter)."""
+
+    @_abc_1.abstractmethod
+    def GetConfig(
+        self,
+        request: _agent_pb2.ConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentConfigValues, _abc.Awaitable[_agent_pb2.AgentConfigValues]]:
+        """netsh ipsec dynamic set config / show config."""
+
+    @_abc_1.abstractmethod
+    def SetConfig(
+        self,
+        request: _agent_pb2.SetConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentConfigValues, _abc.Awaitable[_agent_pb2.AgentConfigValues]]: ...
 
 def add_AgentLocalServicer_to_server(servicer: AgentLocalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
