@@ -239,3 +239,32 @@ def test_kerberos_keys_the_ike_sa_per_peer_and_exempts_the_keying_exchange() -> 
     assert any("workgroup member" in p for p in wg.problems)
     inst = instantiate(next(c for c in d.connections if c.template), "10.77.1.1", ME)
     assert inst.kerberos
+
+
+def test_tunnel_rules_give_one_connection_per_rule_to_the_gateway_and_skip_the_inbound_rule() -> None:
+    def net(ip: str, mask: str = "255.255.255.0") -> pb.Address:
+        return pb.Address(kind=pb.ADDRESS_KIND_SUBNET, ip=ip, mask=mask)
+
+    def flt(src: pb.Address, dst: pb.Address) -> pb.Filter:
+        return pb.Filter(id=f"{src.ip}-{dst.ip}", source=src, destination=dst)
+
+    policy = custom(
+        [
+            ([flt(net("10.1.1.0"), net("10.2.1.0"))], NEG),
+            ([flt(net("10.1.1.0"), net("10.2.2.0"))], NEG),
+            ([flt(net("10.2.1.0"), net("10.1.1.0"))], NEG),  # inbound: its endpoint is this host
+        ]
+    )
+    policy.policy.rules[0].tunnel_endpoint = "10.77.1.9"
+    policy.policy.rules[1].tunnel_endpoint = "10.77.1.9"
+    policy.policy.rules[2].tunnel_endpoint = ME
+    d = run(policy)
+    assert d.problems == ()
+    assert len(d.connections) == 2
+    for conn, remote_net in zip(d.connections, ("10.2.1.0/24", "10.2.2.0/24"), strict=True):
+        assert conn.body["remote_addrs"] == ["10.77.1.9"] and not conn.template
+        (child,) = conn.body["children"].values()
+        assert child["mode"] == "tunnel" and child["local_ts"] == ["10.1.1.0/24"] and child["remote_ts"] == [remote_net]
+    inbound = [e for e in d.entries if e.selector.src == ("10.2.1.0/24",)]
+    assert inbound and all(e.verdict == NEGOTIATE for e in inbound)
+    assert not any("host-to-host tunnel" in n for n in d.notes)

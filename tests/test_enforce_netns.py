@@ -405,3 +405,44 @@ def test_certificates_from_the_servers_ca_authenticate_and_an_untrusted_root_is_
     netsh(site.address, f'ipsec static set rule name="All IP Traffic" policy="{SECURE}" psk="{PSK}"')
     for name in ("a", "b"):
         site.wait_applied(name, not_version=before[name])
+
+
+def test_dynamic_mode_rules_apply_at_once_and_vanish_with_the_agent(site: Site) -> None:
+    import grpc
+
+    from policyagent.pb import pb
+
+    a, b = site.a, site.b
+    assert tcp(a, b.ip, 5001, "before-dynamic").startswith("OK")
+    stub = _local(site, b)
+    mm = agent_pb.DynamicMmPolicy(
+        name="mm-block",
+        methods=[pb.MainModeMethod(encryption=pb.CIPHER_AES128, integrity=pb.INTEGRITY_SHA256, dh_group=pb.DH_GROUP_MODP2048)],
+    )
+    stub.EditDynamic(agent_pb.DynamicEdit(add_mm_policy=mm), timeout=10)
+    block = agent_pb.DynamicRule(
+        source=pb.Address(kind=pb.ADDRESS_KIND_ME), destination=pb.Address(kind=pb.ADDRESS_KIND_HOST, ip=a.ip),
+        mirrored=True, mm_policy="mm-block", action_inbound=pb.ACTION_TYPE_BLOCK, action_outbound=pb.ACTION_TYPE_BLOCK,
+    )
+    state = stub.EditDynamic(agent_pb.DynamicEdit(add_rule=block), timeout=10)
+    assert len(state.rules) == 1
+    assert tcp(a, b.ip, 5001, "blocked", timeout=3).startswith("FAIL")
+    assert not a.ping(b.ip, count=1)  # more specific than the static ICMP permit
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.EditDynamic(agent_pb.DynamicEdit(delete_mm_policy="mm-block"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "used by a rule" in (refused.value.details() or "")
+    stub.EditDynamic(agent_pb.DynamicEdit(delete_rule=block), timeout=10)
+    assert tcp(a, b.ip, 5001, "unblocked").startswith("OK")
+    # dynamic state and statistics do not survive an agent restart (Windows: net stop / net start)
+    stub.EditDynamic(agent_pb.DynamicEdit(add_rule=block), timeout=10)
+    before = site.fleet()["b"].applied_version
+    site.stop_agent(b)
+    site.start_agent(b)
+    wait_until(lambda: _online(site, "b"), "b back online")
+    assert site.wait_applied("b") == before
+    stub = _local(site, b)
+    state = stub.GetDynamic(agent_pb.DynamicRequest(), timeout=10)
+    assert not state.rules and not state.mm_policies
+    stats = stub.GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
+    assert {c.key: c.value for c in stats.quick_mode}["key_additions"] == 0
+    assert tcp(a, b.ip, 5001, "after-restart").startswith("OK")

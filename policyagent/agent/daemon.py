@@ -45,6 +45,7 @@ from policyagent.agent import session as s
 from policyagent.agent.cache import PolicyCache
 from policyagent.agent.combine import combine, has_policy
 from policyagent.agent.enforce import EnforceError, Enforcer, HostFacts
+from policyagent.agent.forward import DEFAULT_BATCH, DEFAULT_INTERVAL_S, AuditCursor, summary
 from policyagent.model.defaults import restore_defaults_plan
 from policyagent.model.writes import Mutation, PlanFn
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, dist_grpc, dist_pb, pb
@@ -97,6 +98,8 @@ class AgentConfig:
     ike_keytab: Path | None = None  # Kerberos in IKE: keytab and host principal (domain members)
     ike_principal: str = ""
     krb5_config: str = ""  # KRB5_CONFIG for the keying exchange ("" = the system's)
+    audit_forward_s: float = DEFAULT_INTERVAL_S  # new audit events go to the server this often (stream up)
+    audit_batch: int = DEFAULT_BATCH  # audit events per AuditBatch
 
 
 class AgentError(Exception):
@@ -221,6 +224,12 @@ class AgentDaemon:
         from policyagent.agent.enforce.dynconfig import DynamicConfig
 
         self.dynconfig = DynamicConfig(config.state_dir)  # netsh ipsec dynamic set config
+        # Audit events forwarded to the server (agent/forward.py): how far the server has them.
+        self.audit_cursor = AuditCursor.load(config.state_dir, config.audit_batch)
+        self._forward_wake = asyncio.Event()
+        from policyagent.agent.enforce.dynamic import DynamicStore
+
+        self.dynamic = DynamicStore()  # dynamic-mode policy: in memory, gone when the agent stops
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -273,6 +282,7 @@ class AgentDaemon:
                 extra={"version": cached.policy.version, "saved_unix_ms": cached.saved_unix_ms},
             )
         self._main = asyncio.create_task(self._run(cached.policy if cached is not None else None), name="agent-main")
+        self._spawn(self._forward_audit_loop())
 
     def _open_store(self, name: str) -> PolicyStore:
         store = SqliteStore(self.state_dir / name)
@@ -344,7 +354,7 @@ class AgentDaemon:
                 self._spawn(self._connect())
             elif isinstance(action, s.Send):
                 if self._outbox is not None:
-                    self._outbox.put_nowait(action.message)
+                    self._send(action.message, self._outbox)
             elif isinstance(action, s.Report):
                 self._spawn(self._report(action.message))
             elif isinstance(action, s.Fetch):
@@ -361,6 +371,70 @@ class AgentDaemon:
                 self._spawn(self._close_stream())
             else:  # pragma: no cover - the session's action set is closed
                 raise AssertionError(f"unknown action {action!r}")
+
+    def _send(self, message: dist_pb.AgentMessage, outbox: asyncio.Queue[dist_pb.AgentMessage | None]) -> None:
+        kind = message.WhichOneof("msg")
+        if kind == "heartbeat":
+            self._spawn(self._send_heartbeat(message, outbox))  # statistics ride on heartbeats
+            return
+        outbox.put_nowait(message)
+        if kind == "hello":
+            # Right after connecting: the statistics at once (not a heartbeat interval later), and the
+            # audit events recorded while the stream was down.
+            self._spawn(self._send_heartbeat(self.session.heartbeat(), outbox))
+            self._forward_wake.set()
+
+    # ------------------------------------------------------------------ forwarding (statistics, audit)
+
+    def _statistics_summary(self) -> dist_pb.StatisticsSummary:
+        enforced = self.enforced
+        return summary(self.enforcer.statistics(), enforced.policy.name if enforced is not None else "")
+
+    async def _send_heartbeat(
+        self, message: dist_pb.AgentMessage, outbox: asyncio.Queue[dist_pb.AgentMessage | None]
+    ) -> None:
+        try:
+            # Not the enforce thread: an apply in progress must not delay the heartbeat.
+            stats = await asyncio.get_running_loop().run_in_executor(None, self._statistics_summary)
+            message.heartbeat.statistics.CopyFrom(stats)
+        except Exception as exc:  # the heartbeat goes anyway, without statistics
+            _log.info("statistics unavailable for the heartbeat", extra={"error": f"{type(exc).__name__}: {exc}"})
+        if self._outbox is outbox:  # still the same stream
+            outbox.put_nowait(message)
+
+    async def _forward_audit_loop(self) -> None:
+        """Every audit_forward_s (and at once after connecting): new audit events to the server."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.audit_forward_s):
+                    await self._forward_wake.wait()
+            self._forward_wake.clear()
+            try:
+                await self._forward_audit()
+            except Exception:  # never let forwarding die; the cursor says where to resume
+                _log.exception("forwarding audit events failed")
+
+    async def _forward_audit(self) -> None:
+        """Send batches while the stream is up, until the enforcer has nothing new; each batch goes with
+        Report, whose answer confirms it (then the cursor moves), over the stream's connection."""
+        loop = asyncio.get_running_loop()
+        cursor = self.audit_cursor
+        while self._session is not None and self._session.state in s.CONNECTED and self._channel is not None:
+            batch = await loop.run_in_executor(None, cursor.next_batch, self.enforcer)
+            if not batch:
+                return
+            channel = self._channel
+            try:
+                await dist_grpc.DistributionStub(channel).Report(
+                    dist_pb.AgentMessage(audit_batch=dist_pb.AuditBatch(events=batch)),
+                    timeout=self.config.rpc_timeout_s,
+                )
+            except grpc.RpcError as exc:
+                _log.info("audit events not forwarded; retrying later", extra={"reason": _rpc_reason(exc)})
+                return
+            await loop.run_in_executor(None, cursor.commit, batch)
+            if len(batch) < cursor.batch:
+                return
 
     # ------------------------------------------------------------------ server I/O
 
@@ -588,6 +662,18 @@ class AgentDaemon:
             )
         return out
 
+    async def edit_dynamic(self, request: agent_pb.DynamicEdit) -> agent_pb.DynamicState:
+        """Validate, enforce, then keep a dynamic-mode edit; DynamicError/EnforceError say why not."""
+        from policyagent.agent.enforce.dynamic import pseudo_policies
+
+        async with self._enforcing:
+            new = self.dynamic.edit(request)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._enforce_executor, self.enforcer.set_dynamic, tuple(pseudo_policies(new)))
+            self.dynamic.commit(new)
+        _log.info("dynamic mode: %s", request.WhichOneof("op"), extra={"rules": len(new.rules)})
+        return new
+
     async def set_config(self, name: str, value: str) -> None:
         """`set config NAME VALUE`: stored; applied now if Windows applies it at once, else at the next start."""
         if self.dynconfig.set(name, value):
@@ -693,6 +779,17 @@ async def _serve_unix(path: Path, register: Callable[[aio.Server], None]) -> aio
     return server
 
 
+def mask_dynamic(state: agent_pb.DynamicState) -> agent_pb.DynamicState:
+    """Dynamic state as read APIs show it: pre-shared keys masked."""
+    out = agent_pb.DynamicState()
+    out.CopyFrom(state)
+    for rule in out.rules:
+        for method in rule.auth_methods:
+            if method.HasField("preshared_key"):
+                method.preshared_key.key = "********"
+    return out
+
+
 class AgentLocalServicer(agent_grpc.AgentLocalServicer):
     def __init__(self, daemon: AgentDaemon) -> None:
         self._daemon = daemon
@@ -757,6 +854,26 @@ class AgentLocalServicer(agent_grpc.AgentLocalServicer):
         except ConfigError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return self._daemon.config_values()
+
+    async def GetDynamic(
+        self, request: agent_pb.DynamicRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.DynamicState:
+        return mask_dynamic(self._daemon.dynamic.state)
+
+    async def EditDynamic(
+        self, request: agent_pb.DynamicEdit, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb.DynamicState:
+        from policyagent.agent.enforce.dynamic import DynamicError
+
+        try:
+            state = await self._daemon.edit_dynamic(request)
+        except DynamicError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from None
+        except EnforceError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot be enforced here: {exc}")
+            raise AssertionError("unreachable") from None
+        return mask_dynamic(state)
 
     async def ListAuditEvents(
         self, request: agent_pb.AuditEventsRequest, context: aio.ServicerContext[Any, Any]

@@ -68,6 +68,11 @@ class Enforcer(Protocol):
         """`set config` properties in force (at start, and when one that applies at once changes)."""
         ...
 
+    def set_dynamic(self, policies: tuple[dist_pb.EffectivePolicy, ...]) -> None:
+        """Enforce these dynamic-mode rules (one-rule pseudo policies) with the static policy; EnforceError
+        (and nothing changed) if they cannot be enforced here."""
+        ...
+
 
 class EnforceError(Exception):
     """The policy could not be applied; the message is the NACK reason."""

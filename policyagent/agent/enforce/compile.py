@@ -120,6 +120,7 @@ class CompileInput:
     identity: LocalIdentity | None = None  # for certificate authentication
     kerberos: bool = False  # this host can run the Kerberos keying exchange (keytab, host principal)
     kdcs: tuple[tuple[str, int], ...] = ()  # the Kerberos KDCs (address, port): exempt with Kerberos keying
+    dynamic: tuple[dist_pb.EffectivePolicy, ...] = ()  # dynamic-mode rules (dynamic.pseudo_policies)
     crl_check: str = "1"  # strongcrlcheck: 0 none (relaxed), 1 fail if revoked (relaxed), 2 any CRL error (strict)
     exempt_level: str = "3"  # ipsecexempt: 0/2 also exempt Kerberos and RSVP; 1/3 only IKE
 
@@ -493,11 +494,20 @@ class _Compiler:
             return
         me = self.me
         tunnel = rule.tunnel_endpoint
+        if tunnel and _host_cidr(tunnel) in me:
+            # The inbound rule of a tunnel (its endpoint is this host): the SA the peer's outbound rule (or
+            # ours) negotiates carries this traffic; its filter entries make sure it arrives protected.
+            return
         peers: set[str] = set()
         children: dict[str, Any] = {}
         template = False
-        for n, (sel, _w, _id, label) in enumerate(selectors, start=1):
-            outbound = bool(sel.src) and all(c in me for c in sel.src)
+        for n, (sel, _w, sel_id, label) in enumerate(selectors, start=1):
+            if tunnel:
+                # Tunnel rules name the networks (Windows needs one rule per direction and no mirroring):
+                # the filter as written is the outbound direction, local network → remote network.
+                outbound = not sel_id.endswith("/mirror")
+            else:
+                outbound = bool(sel.src) and all(c in me for c in sel.src)
             if not outbound:
                 continue  # the inbound half of a mirrored filter: the outbound half's SA covers it
             if self.libipsec and (sel.proto or sel.sport or sel.dport):
@@ -635,8 +645,46 @@ class _Compiler:
 
 
 def compile_policy(inp: CompileInput) -> Desired:
-    """The desired state for `inp` (see the module docstring)."""
-    return _Compiler(inp).run()
+    """The desired state for `inp` (see the module docstring), dynamic-mode rules included."""
+    static = _Compiler(inp).run()
+    if not inp.dynamic:
+        return static
+    membership = inp.membership or inp.policy.membership
+    parts = [_Compiler(replace(inp, policy=d, dynamic=(), membership=membership)).run() for d in inp.dynamic]
+    return _merge([*parts, static])  # on equal weight a dynamic filter comes before a static one
+
+
+def _merge(parts: Sequence[Desired]) -> Desired:
+    """Several compiled policies as one host state: filters re-ordered most specific first."""
+    ranked = [
+        ((-e.weight, -_ACTION_RANK[e.verdict], order, e.index), e)
+        for order, part in enumerate(parts)
+        for e in part.entries
+    ]
+    entries = tuple(replace(e, index=i) for i, (_, e) in enumerate(sorted(ranked, key=lambda item: item[0])))
+    out = _Problems()
+    for part in parts:
+        for text in part.problems:
+            out.problem(text)
+        for text in part.notes:
+            out.note(text)
+    secrets: dict[tuple[tuple[str, ...], str], Secret] = {}
+    for part in parts:
+        for secret in part.secrets:
+            secrets.setdefault((secret.owners, secret.data), secret)
+    if len({data for owners, data in secrets if not owners}) > 1:
+        out.problem(
+            "dynamic and static rules that negotiate with any peer use different pre-shared keys; IKEv1 main "
+            "mode chooses the key by address, so only one key can serve any peer"
+        )
+    return Desired(
+        entries=entries,
+        exemptions=tuple(dict.fromkeys(x for part in parts for x in part.exemptions)),
+        connections=tuple(c for part in parts for c in part.connections),
+        secrets=tuple(secrets.values()),
+        problems=tuple(out.problems),
+        notes=tuple(out.notes),
+    )
 
 
 def instantiate(conn: Connection, peer: str, local: str) -> Connection:

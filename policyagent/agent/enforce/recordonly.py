@@ -78,6 +78,13 @@ class RecordOnlyEnforcer:
     def configure(self, values: dict[str, str]) -> None:
         """Stored by the agent; nothing here acts on them."""
 
+    def set_dynamic(self, policies: tuple[dist_pb.EffectivePolicy, ...]) -> None:
+        """Checked like static policy and recorded in the log; nothing is enforced."""
+        problems = [p for policy in policies for p in self.check(policy, HostFacts(membership=""))]
+        if problems:
+            raise EnforceError("; ".join(problems))
+        _log.warning("dynamic-mode rules recorded (%d); record-only enforcer: nothing is enforced", len(policies))
+
     def check(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> list[str]:
         problems: list[str] = []
         if not policy.HasField("policy"):

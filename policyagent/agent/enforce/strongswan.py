@@ -224,6 +224,7 @@ class StrongSwanEnforcer:
         self._listener: NflogListener | None = None
         self.local_addresses = HostAddresses()
         self.identity: LocalIdentity | None = None
+        self.dynamic: tuple[dist_pb.EffectivePolicy, ...] = ()  # dynamic-mode rules, as pseudo policies
         self.crl_check = "1"  # netsh ipsec dynamic set config strongcrlcheck
         self.exempt_level = "3"  # netsh ipsec dynamic set config ipsecexempt
         self._key_loaded = ""  # digest of the private key charon holds
@@ -309,6 +310,17 @@ class StrongSwanEnforcer:
             counters = {}
         return views.filters(desired, keys, counters)
 
+    def set_dynamic(self, policies: tuple[dist_pb.EffectivePolicy, ...]) -> None:
+        with self._lock:
+            old = self.dynamic
+            self.dynamic = policies
+            policy = self.policy or dist_pb.EffectivePolicy(source="none")
+            try:
+                self.apply(policy, self.facts or HostFacts(membership=""))
+            except Exception:
+                self.dynamic = old
+                raise
+
     def configure(self, values: dict[str, str]) -> None:
         """ikelogging (at once), strongcrlcheck (at once: re-applies the policy), ipsecexempt (given at start)."""
         trace = values.get("ikelogging", "0") == "1"
@@ -338,6 +350,7 @@ class StrongSwanEnforcer:
                 kdcs=self.kerberos.kdcs() if self.kerberos is not None else (),
                 crl_check=self.crl_check,
                 exempt_level=self.exempt_level,
+                dynamic=self.dynamic,
             )
         )
 

@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from policyagent._proto.policyagent.v1 import distribution_pb2 as _distribution_pb2
+from policyagent._proto.policyagent.v1 import policy_pb2 as _policy_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,234 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class DynamicRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DynamicRequest: _TypeAlias = DynamicRequest  # noqa: Y015
+
+@_typing.final
+class DynamicMmPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    QM_PER_MM_FIELD_NUMBER: _builtins.int
+    MM_LIFETIME_MINUTES_FIELD_NUMBER: _builtins.int
+    SOFT_SA_EXPIRATION_S_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    qm_per_mm: _builtins.int
+    """0 = unlimited"""
+    mm_lifetime_minutes: _builtins.int
+    """0 = 480"""
+    soft_sa_expiration_s: _builtins.int
+    """0 = 300"""
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.MainModeMethod]:
+        """in order of preference"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        qm_per_mm: _builtins.int = ...,
+        mm_lifetime_minutes: _builtins.int = ...,
+        soft_sa_expiration_s: _builtins.int = ...,
+        methods: _abc.Iterable[_policy_pb2.MainModeMethod] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["methods", b"methods", "mm_lifetime_minutes", b"mm_lifetime_minutes", "name", b"name", "qm_per_mm", b"qm_per_mm", "soft_sa_expiration_s", b"soft_sa_expiration_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DynamicMmPolicy: _TypeAlias = DynamicMmPolicy  # noqa: Y015
+
+@_typing.final
+class DynamicQmPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOFT_FIELD_NUMBER: _builtins.int
+    PFS_GROUP_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    soft: _builtins.bool
+    """allow fallback to clear (soft SAs)"""
+    pfs_group: _builtins.str
+    """"" (NOPFS) | "1" | "2" | "3" (2048-bit) | "mm" (the main mode group)"""
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.QuickModeMethod]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        soft: _builtins.bool = ...,
+        pfs_group: _builtins.str = ...,
+        methods: _abc.Iterable[_policy_pb2.QuickModeMethod] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["methods", b"methods", "name", b"name", "pfs_group", b"pfs_group", "soft", b"soft"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DynamicQmPolicy: _TypeAlias = DynamicQmPolicy  # noqa: Y015
+
+@_typing.final
+class DynamicRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    SOURCE_PORT_FIELD_NUMBER: _builtins.int
+    DESTINATION_PORT_FIELD_NUMBER: _builtins.int
+    MIRRORED_FIELD_NUMBER: _builtins.int
+    CONNECTION_TYPE_FIELD_NUMBER: _builtins.int
+    TUNNEL_ENDPOINT_FIELD_NUMBER: _builtins.int
+    MM_POLICY_FIELD_NUMBER: _builtins.int
+    QM_POLICY_FIELD_NUMBER: _builtins.int
+    ACTION_INBOUND_FIELD_NUMBER: _builtins.int
+    ACTION_OUTBOUND_FIELD_NUMBER: _builtins.int
+    AUTH_METHODS_FIELD_NUMBER: _builtins.int
+    protocol: _builtins.int
+    source_port: _builtins.int
+    destination_port: _builtins.int
+    mirrored: _builtins.bool
+    connection_type: _policy_pb2.ConnectionType.ValueType
+    tunnel_endpoint: _builtins.str
+    mm_policy: _builtins.str
+    """settable"""
+    qm_policy: _builtins.str
+    action_inbound: _policy_pb2.ActionType.ValueType
+    action_outbound: _policy_pb2.ActionType.ValueType
+    @_builtins.property
+    def source(self) -> _policy_pb2.Address: ...
+    @_builtins.property
+    def destination(self) -> _policy_pb2.Address: ...
+    @_builtins.property
+    def auth_methods(self) -> _containers.RepeatedCompositeFieldContainer[_policy_pb2.AuthMethod]: ...
+    def __init__(
+        self,
+        *,
+        source: _policy_pb2.Address | None = ...,
+        destination: _policy_pb2.Address | None = ...,
+        protocol: _builtins.int = ...,
+        source_port: _builtins.int = ...,
+        destination_port: _builtins.int = ...,
+        mirrored: _builtins.bool = ...,
+        connection_type: _policy_pb2.ConnectionType.ValueType = ...,
+        tunnel_endpoint: _builtins.str = ...,
+        mm_policy: _builtins.str = ...,
+        qm_policy: _builtins.str = ...,
+        action_inbound: _policy_pb2.ActionType.ValueType = ...,
+        action_outbound: _policy_pb2.ActionType.ValueType = ...,
+        auth_methods: _abc.Iterable[_policy_pb2.AuthMethod] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_inbound", b"action_inbound", "action_outbound", b"action_outbound", "auth_methods", b"auth_methods", "connection_type", b"connection_type", "destination", b"destination", "destination_port", b"destination_port", "mirrored", b"mirrored", "mm_policy", b"mm_policy", "protocol", b"protocol", "qm_policy", b"qm_policy", "source", b"source", "source_port", b"source_port", "tunnel_endpoint", b"tunnel_endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DynamicRule: _TypeAlias = DynamicRule  # noqa: Y015
+
+@_typing.final
+class DynamicState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MM_POLICIES_FIELD_NUMBER: _builtins.int
+    QM_POLICIES_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mm_policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___DynamicMmPolicy]: ...
+    @_builtins.property
+    def qm_policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___DynamicQmPolicy]: ...
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___DynamicRule]: ...
+    def __init__(
+        self,
+        *,
+        mm_policies: _abc.Iterable[Global___DynamicMmPolicy] | None = ...,
+        qm_policies: _abc.Iterable[Global___DynamicQmPolicy] | None = ...,
+        rules: _abc.Iterable[Global___DynamicRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mm_policies", b"mm_policies", "qm_policies", b"qm_policies", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DynamicState: _TypeAlias = DynamicState  # noqa: Y015
+
+@_typing.final
+class DynamicEdit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADD_MM_POLICY_FIELD_NUMBER: _builtins.int
+    SET_MM_POLICY_FIELD_NUMBER: _builtins.int
+    DELETE_MM_POLICY_FIELD_NUMBER: _builtins.int
+    ADD_QM_POLICY_FIELD_NUMBER: _builtins.int
+    SET_QM_POLICY_FIELD_NUMBER: _builtins.int
+    DELETE_QM_POLICY_FIELD_NUMBER: _builtins.int
+    ADD_RULE_FIELD_NUMBER: _builtins.int
+    SET_RULE_FIELD_NUMBER: _builtins.int
+    DELETE_RULE_FIELD_NUMBER: _builtins.int
+    DELETE_ALL_FIELD_NUMBER: _builtins.int
+    delete_mm_policy: _builtins.str
+    """"all" deletes every unused one"""
+    delete_qm_policy: _builtins.str
+    delete_all: _builtins.bool
+    @_builtins.property
+    def add_mm_policy(self) -> Global___DynamicMmPolicy: ...
+    @_builtins.property
+    def set_mm_policy(self) -> Global___DynamicMmPolicy: ...
+    @_builtins.property
+    def add_qm_policy(self) -> Global___DynamicQmPolicy: ...
+    @_builtins.property
+    def set_qm_policy(self) -> Global___DynamicQmPolicy: ...
+    @_builtins.property
+    def add_rule(self) -> Global___DynamicRule: ...
+    @_builtins.property
+    def set_rule(self) -> Global___DynamicRule:
+        """identified by its addresses, ports, protocol, mirrored, type, tunnel"""
+
+    @_builtins.property
+    def delete_rule(self) -> Global___DynamicRule: ...
+    def __init__(
+        self,
+        *,
+        add_mm_policy: Global___DynamicMmPolicy | None = ...,
+        set_mm_policy: Global___DynamicMmPolicy | None = ...,
+        delete_mm_policy: _builtins.str = ...,
+        add_qm_policy: Global___DynamicQmPolicy | None = ...,
+        set_qm_policy: Global___DynamicQmPolicy | None = ...,
+        delete_qm_policy: _builtins.str = ...,
+        add_rule: Global___DynamicRule | None = ...,
+        set_rule: Global___DynamicRule | None = ...,
+        delete_rule: Global___DynamicRule | None = ...,
+        delete_all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_mm_policy", b"add_mm_policy", "add_qm_policy", b"add_qm_policy", "add_rule", b"add_rule", "delete_all", b"delete_all", "delete_mm_policy", b"delete_mm_policy", "delete_qm_policy", b"delete_qm_policy", "delete_rule", b"delete_rule", "op", b"op", "set_mm_policy", b"set_mm_policy", "set_qm_policy", b"set_qm_policy", "set_rule", b"set_rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_mm_policy", b"add_mm_policy", "add_qm_policy", b"add_qm_policy", "add_rule", b"add_rule", "delete_all", b"delete_all", "delete_mm_policy", b"delete_mm_policy", "delete_qm_policy", b"delete_qm_policy", "delete_rule", b"delete_rule", "op", b"op", "set_mm_policy", b"set_mm_policy", "set_qm_policy", b"set_qm_policy", "set_rule", b"set_rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["add_mm_policy", "set_mm_policy", "delete_mm_policy", "add_qm_policy", "set_qm_policy", "delete_qm_policy", "add_rule", "set_rule", "delete_rule", "delete_all"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___DynamicEdit: _TypeAlias = DynamicEdit  # noqa: Y015
 
 @_typing.final
 class SecurityAssociationsRequest(_message.Message):

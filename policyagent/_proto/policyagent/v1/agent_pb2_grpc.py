@@ -75,6 +75,16 @@ class AgentLocalStub:
                 request_serializer=policyagent_dot_v1_dot_agent__pb2.SetConfigRequest.SerializeToString,
                 response_deserializer=policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.FromString,
                 _registered_method=True)
+        self.GetDynamic = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/GetDynamic',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.DynamicRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.DynamicState.FromString,
+                _registered_method=True)
+        self.EditDynamic = channel.unary_unary(
+                '/policyagent.v1.AgentLocal/EditDynamic',
+                request_serializer=policyagent_dot_v1_dot_agent__pb2.DynamicEdit.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_agent__pb2.DynamicState.FromString,
+                _registered_method=True)
 
 
 class AgentLocalServicer:
@@ -134,6 +144,20 @@ class AgentLocalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDynamic(self, request, context):
+        """Dynamic mode (netsh ipsec dynamic add|set|delete mmpolicy|qmpolicy|rule): policy kept in memory
+        only, enforced together with the static policy, gone when the agent stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EditDynamic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentLocalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +200,16 @@ def add_AgentLocalServicer_to_server(servicer, server):
                     servicer.SetConfig,
                     request_deserializer=policyagent_dot_v1_dot_agent__pb2.SetConfigRequest.FromString,
                     response_serializer=policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.SerializeToString,
+            ),
+            'GetDynamic': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDynamic,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.DynamicRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.DynamicState.SerializeToString,
+            ),
+            'EditDynamic': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditDynamic,
+                    request_deserializer=policyagent_dot_v1_dot_agent__pb2.DynamicEdit.FromString,
+                    response_serializer=policyagent_dot_v1_dot_agent__pb2.DynamicState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +428,60 @@ class AgentLocal:
             '/policyagent.v1.AgentLocal/SetConfig',
             policyagent_dot_v1_dot_agent__pb2.SetConfigRequest.SerializeToString,
             policyagent_dot_v1_dot_agent__pb2.AgentConfigValues.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDynamic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/GetDynamic',
+            policyagent_dot_v1_dot_agent__pb2.DynamicRequest.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.DynamicState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditDynamic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.AgentLocal/EditDynamic',
+            policyagent_dot_v1_dot_agent__pb2.DynamicEdit.SerializeToString,
+            policyagent_dot_v1_dot_agent__pb2.DynamicState.FromString,
             options,
             channel_credentials,
             insecure,

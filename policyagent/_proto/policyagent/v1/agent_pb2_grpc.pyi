@@ -49,6 +49,11 @@ class AgentLocalStub:
     GetConfig: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ConfigRequest, _agent_pb2.AgentConfigValues]
     """netsh ipsec dynamic set config / show config."""
     SetConfig: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SetConfigRequest, _agent_pb2.AgentConfigValues]
+    GetDynamic: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DynamicRequest, _agent_pb2.DynamicState]
+    """Dynamic mode (netsh ipsec dynamic add|set|delete mmpolicy|qmpolicy|rule): policy kept in memory
+    only, enforced together with the static policy, gone when the agent stops.
+    """
+    EditDynamic: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DynamicEdit, _agent_pb2.DynamicState]
 
 @_typing.type_check_only
 class AgentLocalAsyncStub(AgentLocalStub):
@@ -67,6 +72,11 @@ class AgentLocalAsyncStub(AgentLocalStub):
     GetConfig: _aio.UnaryUnaryMultiCallable[_agent_pb2.ConfigRequest, _agent_pb2.AgentConfigValues]  # type: ignore[assignment]
     """netsh ipsec dynamic set config / show config."""
     SetConfig: _aio.UnaryUnaryMultiCallable[_agent_pb2.SetConfigRequest, _agent_pb2.AgentConfigValues]  # type: ignore[assignment]
+    GetDynamic: _aio.UnaryUnaryMultiCallable[_agent_pb2.DynamicRequest, _agent_pb2.DynamicState]  # type: ignore[assignment]
+    """Dynamic mode (netsh ipsec dynamic add|set|delete mmpolicy|qmpolicy|rule): policy kept in memory
+    only, enforced together with the static policy, gone when the agent stops.
+    """
+    EditDynamic: _aio.UnaryUnaryMultiCallable[_agent_pb2.DynamicEdit, _agent_pb2.DynamicState]  # type: ignore[assignment]
 
 class AgentLocalServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -130,5 +140,22 @@ class AgentLocalServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.SetConfigRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.AgentConfigValues, _abc.Awaitable[_agent_pb2.AgentConfigValues]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDynamic(
+        self,
+        request: _agent_pb2.DynamicRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DynamicState, _abc.Awaitable[_agent_pb2.DynamicState]]:
+        """Dynamic mode (netsh ipsec dynamic add|set|delete mmpolicy|qmpolicy|rule): policy kept in memory
+        only, enforced together with the static policy, gone when the agent stops.
+        """
+
+    @_abc_1.abstractmethod
+    def EditDynamic(
+        self,
+        request: _agent_pb2.DynamicEdit,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DynamicState, _abc.Awaitable[_agent_pb2.DynamicState]]: ...
 
 def add_AgentLocalServicer_to_server(servicer: AgentLocalServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
