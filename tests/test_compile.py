@@ -241,7 +241,7 @@ def test_kerberos_keys_the_ike_sa_per_peer_and_exempts_the_keying_exchange() -> 
     assert inst.kerberos
 
 
-def test_tunnel_rules_give_one_connection_per_rule_to_the_gateway_and_skip_the_inbound_rule() -> None:
+def test_tunnel_rules_to_one_gateway_share_its_connection_and_the_inbound_rule_only_filters() -> None:
     def net(ip: str, mask: str = "255.255.255.0") -> pb.Address:
         return pb.Address(kind=pb.ADDRESS_KIND_SUBNET, ip=ip, mask=mask)
 
@@ -260,10 +260,13 @@ def test_tunnel_rules_give_one_connection_per_rule_to_the_gateway_and_skip_the_i
     policy.policy.rules[2].tunnel_endpoint = ME
     d = run(policy)
     assert d.problems == ()
-    assert len(d.connections) == 2
-    for conn, remote_net in zip(d.connections, ("10.2.1.0/24", "10.2.2.0/24"), strict=True):
-        assert conn.body["remote_addrs"] == ["10.77.1.9"] and not conn.template
-        (child,) = conn.body["children"].values()
+    # IKEv1: one main mode per peer; a responder looks for a quick mode's selectors only among the children
+    # of the connection it chose: every tunnel rule to one gateway is a child of one connection.
+    (conn,) = d.connections
+    assert conn.name == "tunnel-10-77-1-9" and conn.body["remote_addrs"] == ["10.77.1.9"] and not conn.template
+    children = list(conn.body["children"].items())
+    assert [name.rsplit("-", 1)[0] for name, _ in children] == ["rule-rule1", "rule-rule2"]  # named after rules
+    for (_, child), remote_net in zip(children, ("10.2.1.0/24", "10.2.2.0/24"), strict=True):
         assert child["mode"] == "tunnel" and child["local_ts"] == ["10.1.1.0/24"] and child["remote_ts"] == [remote_net]
     inbound = [e for e in d.entries if e.selector.src == ("10.2.1.0/24",)]
     assert inbound and all(e.verdict == NEGOTIATE for e in inbound)

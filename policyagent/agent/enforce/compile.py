@@ -439,6 +439,11 @@ class _Compiler:
     ) -> None:
         verdict = {pb.ACTION_TYPE_PERMIT: PERMIT, pb.ACTION_TYPE_BLOCK: BLOCK}.get(fa.action, NEGOTIATE)
         conn_name = f"rule-{_short(rule.id, 40)}" if verdict == NEGOTIATE else ""
+        if conn_name and rule.tunnel_endpoint and _host_cidr(rule.tunnel_endpoint) not in self.me:
+            # IKEv1: one main mode per peer, and a responder looks for the quick mode's traffic selectors only
+            # among the children of the connection it chose for that main mode: every tunnel rule to one
+            # gateway is a child of one connection named after the gateway.
+            conn_name = _tunnel_name(rule.tunnel_endpoint)
         selectors: list[tuple[Selector, int, str, str]] = []  # selector, weight, id, label
         for fnum, flt in enumerate(fl.filters, start=1):
             flabel = f"{what}/filter {fnum}"
@@ -524,7 +529,8 @@ class _Compiler:
             else:
                 template = True
                 remote_ts = ["%peer%"]  # filled in per peer by instantiate()
-            children[f"{name}-{n}"] = {
+            child_base = f"rule-{_short(rule.id, 40)}" if tunnel else name
+            children[f"{child_base}-{n}"] = {
                 "mode": "tunnel" if (tunnel or self.libipsec) else "transport",
                 "local_ts": _ts(sel.src, sel.proto, sel.sport, "0.0.0.0/0"),
                 "remote_ts": remote_ts,
@@ -541,6 +547,10 @@ class _Compiler:
             template = True  # several single peers: one instance per peer
         remote = [tunnel] if tunnel else (sorted(peers) if len(peers) == 1 and not template else ["%any"])
         body = self.ike_body(p, remote, auth, name)
+        if tunnel:
+            merged = self._merge_tunnel(name, body, children, auth, what)
+            if merged is not None:
+                return
         body["children"] = children
         self.connections.append(
             Connection(
@@ -548,6 +558,26 @@ class _Compiler:
             )
         )
         self.secret_for(name, auth, remote)
+
+    def _merge_tunnel(
+        self, name: str, body: dict[str, Any], children: dict[str, Any], auth: _Auth, what: str
+    ) -> Connection | None:
+        """Add `children` to the gateway's connection `name` when an earlier tunnel rule made it (returned);
+        None when this is the gateway's first rule."""
+        for i, conn in enumerate(self.connections):
+            if conn.name != name:
+                continue
+            theirs = {k: v for k, v in conn.body.items() if k != "children"}
+            if theirs != body or (auth.kind == "kerberos") != conn.kerberos:
+                self.out.problem(
+                    f"{what}: its main mode settings or authentication differ from another tunnel rule's to "
+                    f"{body['remote_addrs'][0]}; IKEv1 negotiates one main mode per peer"
+                )
+                return conn
+            merged = replace(conn, body={**conn.body, "children": {**conn.body["children"], **children}})
+            self.connections[i] = merged
+            return merged
+        return None
 
     def ike_body(self, p: pb.Policy, remote: list[str], auth: _Auth, name: str) -> dict[str, Any]:
         minutes = p.isakmp.lifetime_minutes or DEFAULT_MM_LIFETIME_MIN
@@ -642,6 +672,11 @@ class _Compiler:
                     "(the rule would cut this agent off from its policy server)"
                 )
                 return
+
+
+def _tunnel_name(endpoint: str) -> str:
+    """The connection of every tunnel rule to `endpoint` (a name VICI and nft comments accept)."""
+    return "tunnel-" + "".join(ch if ch.isalnum() else "-" for ch in str(ipaddress.ip_address(endpoint)))
 
 
 def compile_policy(inp: CompileInput) -> Desired:

@@ -117,6 +117,23 @@ def host_addresses() -> HostAddresses:
     return HostAddresses(addresses=tuple(addresses), dns_servers=tuple(dns), default_gateway=tuple(gateways))
 
 
+def _child_for(conn: Connection, local: str, peer: str) -> str:
+    """The child of `conn` whose traffic selectors hold local → peer (its first child when none does)."""
+    children: dict[str, Any] = conn.body["children"]
+
+    def holds(selectors: list[str], address: str) -> bool:
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(address)
+            return any(ip in ipaddress.ip_network(ts.split("[")[0], strict=False) for ts in selectors
+                       if ts not in ("dynamic", "%peer%"))
+        return False
+
+    for name, child in children.items():
+        if holds(child.get("local_ts", []), local) and holds(child.get("remote_ts", []), peer):
+            return name
+    return next(iter(children))
+
+
 def _close(session: Any) -> None:
     """vici.Session has no close(): close its transport's socket."""
     with contextlib.suppress(Exception):
@@ -276,7 +293,7 @@ class StrongSwanEnforcer:
     def statistics(self) -> agent_pb.IpsecStatistics:
         snap = self.monitor.snapshot()
         out = agent_pb.IpsecStatistics(
-            ipsec_active=self.policy is not None and self.policy.HasField("policy"),
+            ipsec_active=(self.policy is not None and self.policy.HasField("policy")) or bool(self.dynamic),
             policy_name=self.policy.policy.name if self.policy is not None else "",
             enforcer=self.describe(),
             since_unix_ms=self.stats.since_unix_ms,
@@ -297,9 +314,14 @@ class StrongSwanEnforcer:
     def security_associations(self) -> agent_pb.SecurityAssociations:
         session = self.charon.session()
         try:
-            return views.security_associations(session.list_sas())
+            out = views.security_associations(session.list_sas())
         finally:
             _close(session)
+        for sa in out.main_mode:  # how this host authenticates the connection (list-sas does not say)
+            conn = self.conns.get(sa.connection)
+            if conn is not None:
+                sa.auth = "kerberos" if conn.kerberos else str(conn.body.get("local-1", {}).get("auth", ""))
+        return out
 
     def filters_in_force(self) -> agent_pb.Filters:
         desired = self.desired
@@ -461,7 +483,7 @@ class StrongSwanEnforcer:
                 session.load_conn({name: conn.body})
                 self.conns[name] = conn
                 if old is not None:
-                    self._terminate(session, name)
+                    self._close_changed(session, old, conn)
             for name in [n for n in self.conns if n not in want]:
                 session.unload_conn({"name": name})
                 del self.conns[name]
@@ -476,11 +498,29 @@ class StrongSwanEnforcer:
             _close(session)
 
     @staticmethod
-    def _terminate(session: Any, name: str) -> None:
-        """Close the SAs of connection `name` (none is fine)."""
+    def _terminate(session: Any, name: str, child: str = "") -> None:
+        """Close the SAs of connection `name` (only those of `child` if given; none is fine)."""
+        request = {"ike": name, "force": "yes", "timeout": "-1"}
+        if child:
+            request["child"] = child
         with contextlib.suppress(Exception):
-            for _ in session.terminate({"ike": name, "force": "yes", "timeout": "-1"}):
+            for _ in session.terminate(request):
                 pass
+
+    def _close_changed(self, session: Any, old: Connection, new: Connection) -> None:
+        """After reloading a changed connection: close what no longer matches its configuration. When only
+        some children changed (e.g. one of several tunnel rules to a gateway), only their SAs go; the IKE SA
+        and the other children's SAs stay up."""
+        same_ike = {k: v for k, v in old.body.items() if k != "children"} == {
+            k: v for k, v in new.body.items() if k != "children"
+        }
+        if not same_ike:
+            self._terminate(session, old.name)
+            return
+        new_children = new.body.get("children", {})
+        for child, config in old.body.get("children", {}).items():
+            if new_children.get(child) != config:
+                self._terminate(session, old.name, child)
 
     # ------------------------------------------------------------------ on-demand negotiation
 
@@ -538,7 +578,7 @@ class StrongSwanEnforcer:
                             self.instances[inst.name] = (conn.name, peer)
                 finally:
                     _close(session)
-            child = next(iter(inst.body["children"]))
+            child = _child_for(inst, local, peer)
             self.stats.negotiations_started += 1
             self.monitor.acquire_started()
             started = time.monotonic()
