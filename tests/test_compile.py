@@ -271,3 +271,15 @@ def test_tunnel_rules_to_one_gateway_share_its_connection_and_the_inbound_rule_o
     inbound = [e for e in d.entries if e.selector.src == ("10.2.1.0/24",)]
     assert inbound and all(e.verdict == NEGOTIATE for e in inbound)
     assert not any("host-to-host tunnel" in n for n in d.notes)
+
+
+def test_ikev2_is_a_policy_option_and_the_default_response_rule_answers_either() -> None:
+    policy = effective(SECURE, psk="k" * 20)
+    v1 = run(policy)
+    assert {c.initiates: c.body["version"] for c in v1.connections} == {True: "1", False: "0"}
+    policy.policy.isakmp.ike_version = 2
+    v2 = run(policy)
+    versions = {c.initiates: c.body["version"] for c in v2.connections}
+    assert versions == {True: "2", False: "0"}
+    rule_conn = next(c for c in v2.connections if c.initiates)
+    assert rule_conn.body["reauth_time"] == "0s" and rule_conn.body["rekey_time"] == "28800s"

@@ -446,3 +446,25 @@ def test_dynamic_mode_rules_apply_at_once_and_vanish_with_the_agent(site: Site) 
     stats = stub.GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
     assert {c.key: c.value for c in stats.quick_mode}["key_additions"] == 0
     assert tcp(a, b.ip, 5001, "after-restart").startswith("OK")
+
+
+def test_ikev2_as_a_policy_option(site: Site) -> None:
+    from policyagent.agent.enforce.charon import ViciSession
+
+    a, b = site.a, site.b
+    before = site.fleet()["b"].desired_version
+    netsh(site.address, f'ipsec static set policy name="{SECURE}" ikeversion=2')
+    try:
+        site.wait_applied("b", not_version=before)
+        with ViciSession(site.base / "agent-b" / "charon" / "charon.vici", 10) as session:
+            for sa in session.list_sas():  # the v1 SAs of the earlier tests were closed with the change
+                assert all(ike["version"].decode() == "2" for ike in sa.values()), sa
+        out = tcp(a, b.ip, 5001, "over-ikev2")
+        assert out.startswith("OK"), out
+        with ViciSession(site.base / "agent-b" / "charon" / "charon.vici", 10) as session:
+            versions = {ike["version"].decode() for sa in session.list_sas() for ike in sa.values()}
+        assert versions == {"2"}, versions
+    finally:
+        changed = site.fleet()["b"].desired_version
+        netsh(site.address, f'ipsec static set policy name="{SECURE}" ikeversion=1')
+        site.wait_applied("b", not_version=changed)

@@ -246,6 +246,8 @@ def _apply_policy_settings(policy: pb.Policy, inv: Invocation) -> None:
         policy.isakmp.lifetime_minutes = _int(inv.get("mmlifetime"))
     if inv.has("qmpermm"):
         policy.isakmp.qm_per_mm = _int(inv.get("qmpermm"))
+    if inv.has("ikeversion"):
+        policy.isakmp.ike_version = _int(inv.get("ikeversion"))
     if inv.has("mmpfs"):
         policy.isakmp.master_key_pfs = _bool(inv.get("mmpfs"))
         if policy.isakmp.master_key_pfs:

@@ -143,11 +143,14 @@ def filter_action_params(fa: pb.FilterAction) -> Params:
 
 def policy_params(policy: pb.Policy) -> Params:
     isakmp = policy.isakmp
+    # ikeversion is a policyagent extension: written only when it is not Windows' IKEv1.
+    version: Params = [("ikeversion", "2")] if isakmp.ike_version == 2 else []
     return [
         ("description", policy.description),
         ("mmpfs", yes_no(isakmp.master_key_pfs)),
         ("qmpermm", str(isakmp.qm_per_mm)),
         ("mmlifetime", str(isakmp.lifetime_minutes)),
+        *version,
         ("activatedefaultrule", yes_no(policy.default_response_rule.active)),
         ("pollinginterval", str(policy.polling_interval_minutes)),
         ("mmsecmethods", format_mmsecmethods(list(isakmp.methods))),

@@ -190,6 +190,7 @@ class Renderer:
             *field("Last Modified", modified(policy.modified_unix_ms)),
             *field("GUID", policy.id),
             *field("Master PFS", yes_no(isakmp.master_key_pfs)),
+            *field("IKE Version", "IKEv2" if isakmp.ike_version == 2 else "IKEv1 (main mode + quick mode)"),
             *field("Polling Interval", f"{policy.polling_interval_minutes} minutes"),
             *field(
                 "Main Mode Life Time", f"{isakmp.lifetime_minutes} minutes / {isakmp.qm_per_mm} Quick Mode sessions"

@@ -472,6 +472,14 @@ QMPERMM = Setting(
     maximum=2_147_483_647,
     default="0",
 )
+IKEVERSION = Setting(
+    "ikeversion",
+    ValueKind.INT,
+    "IKE version: 1 (main mode + quick mode, what Windows speaks) or 2 (IKEv2; a policyagent extension).",
+    minimum=1,
+    maximum=2,
+    default="1",
+)
 MMLIFETIME = Setting(
     "mmlifetime",
     ValueKind.INT,
@@ -652,6 +660,7 @@ _POLICY_SETTINGS = (
     _p(MMPFS),
     _p(QMPERMM),
     _p(MMLIFETIME),
+    _p(IKEVERSION),
     _p(ACTIVATEDEFAULTRULE),
     _p(POLLINGINTERVAL),
     _p(ASSIGN),

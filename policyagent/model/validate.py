@@ -193,6 +193,8 @@ def validate_mm_methods(settings: pb.IsakmpSettings, path: str) -> list[Violatio
             out.append(Violation(mpath, "mmsecmethods", f"unknown DH group {m.dh_group}"))
     out.extend(S.MMLIFETIME.check_range(settings.lifetime_minutes, path))
     out.extend(S.QMPERMM.check_range(settings.qm_per_mm, path))
+    if settings.ike_version:  # 0 = unset = 1
+        out.extend(S.IKEVERSION.check_range(settings.ike_version, path))
     if settings.master_key_pfs and settings.qm_per_mm != 1:
         out.append(Violation(path, "qmpermm", "must be 1 when master key PFS (mmpfs) is on"))
     return out

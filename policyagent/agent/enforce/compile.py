@@ -41,6 +41,7 @@ LIBIPSEC = "kernel-libipsec"
 NETLINK = "kernel-netlink"
 IKE_PORTS = (500, 4500)
 KEYING_PORT = 4501  # the agents' Kerberos keying exchange (policyagent.agent.enforce.kerbkey)
+DEFAULT_RESPONSE = "default-response"  # the responder-only connection of the default response rule
 DEFAULT_QM_LIFETIME_S = 3600
 DEFAULT_QM_LIFETIME_KB = 100_000
 DEFAULT_MM_LIFETIME_MIN = 480
@@ -582,12 +583,15 @@ class _Compiler:
     def ike_body(self, p: pb.Policy, remote: list[str], auth: _Auth, name: str) -> dict[str, Any]:
         minutes = p.isakmp.lifetime_minutes or DEFAULT_MM_LIFETIME_MIN
         body: dict[str, Any] = {
-            "version": "1",
+            # IKEv1 unless the policy asks for IKEv2; the default response rule answers either ("0").
+            "version": "0" if name == DEFAULT_RESPONSE else ("2" if p.isakmp.ike_version == 2 else "1"),
             "aggressive": "no",
             "local_addrs": list(self.inp.host.addresses) or ["%any"],
             "remote_addrs": remote,
             "proposals": _ike_proposals(p),
-            "reauth_time": f"{minutes * 60}s",
+            # IKEv1 re-authenticates to renew the master key; IKEv2 rekeys in place (reauth_time 0 = never)
+            "reauth_time": f"{minutes * 60}s" if p.isakmp.ike_version != 2 else "0s",
+            "rekey_time": f"{minutes * 60}s",
             "over_time": f"{max(60, minutes * 6)}s",
             # Dead peer detection: a peer that lost its SAs (e.g. its charon restarted) is noticed within
             # about a minute and the stale SAs are closed, so the next packet negotiates afresh.
@@ -624,7 +628,7 @@ class _Compiler:
         auth = _auth(list(drr.auth_methods), workgroup, self.inp.identity, what, self.out, self.inp.kerberos)
         if not esp or auth is None:
             return
-        name = "default-response"
+        name = DEFAULT_RESPONSE
         body = self.ike_body(p, ["%any"], auth, name)
         body["children"] = {
             name: {

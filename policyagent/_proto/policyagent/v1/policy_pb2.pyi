@@ -340,12 +340,15 @@ class IsakmpSettings(_message.Message):
     LIFETIME_MINUTES_FIELD_NUMBER: _builtins.int
     QM_PER_MM_FIELD_NUMBER: _builtins.int
     MASTER_KEY_PFS_FIELD_NUMBER: _builtins.int
+    IKE_VERSION_FIELD_NUMBER: _builtins.int
     lifetime_minutes: _builtins.int
     """master key lifetime"""
     qm_per_mm: _builtins.int
     """quick modes per main mode, 0 = unlimited"""
     master_key_pfs: _builtins.bool
     """forces qm_per_mm = 1"""
+    ike_version: _builtins.int
+    """0 or 1 = IKEv1 main mode + quick mode (what Windows speaks); 2 = IKEv2 (a policyagent extension)."""
     @_builtins.property
     def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MainModeMethod]:
         """in order of preference"""
@@ -357,10 +360,11 @@ class IsakmpSettings(_message.Message):
         lifetime_minutes: _builtins.int = ...,
         qm_per_mm: _builtins.int = ...,
         master_key_pfs: _builtins.bool = ...,
+        ike_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lifetime_minutes", b"lifetime_minutes", "master_key_pfs", b"master_key_pfs", "methods", b"methods", "qm_per_mm", b"qm_per_mm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ike_version", b"ike_version", "lifetime_minutes", b"lifetime_minutes", "master_key_pfs", b"master_key_pfs", "methods", b"methods", "qm_per_mm", b"qm_per_mm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
