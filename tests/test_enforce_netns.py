@@ -468,3 +468,74 @@ def test_ikev2_as_a_policy_option(site: Site) -> None:
         changed = site.fleet()["b"].desired_version
         netsh(site.address, f'ipsec static set policy name="{SECURE}" ikeversion=1')
         site.wait_applied("b", not_version=changed)
+
+
+def _events(site: Site, host: Host, ids: list[int], since: int) -> list[agent_pb.AuditEvent]:
+    return list(_local(site, host).ListAuditEvents(agent_pb.AuditEventsRequest(ids=ids, since_unix_ms=since), timeout=10).events)
+
+
+def _wait_events(site: Site, host: Host, ids: list[int], since: int, what: str) -> list[agent_pb.AuditEvent]:
+    def check() -> list[agent_pb.AuditEvent]:
+        events = _events(site, host, ids, since)
+        assert events, f"no audit {ids} on {host.name} yet"
+        return events
+
+    return wait_until(check, what)
+
+
+def _counter(site: Site, host: Host, key: str) -> int:
+    stats = _local(site, host).GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
+    return {c.key: c.value for c in [*stats.main_mode, *stats.quick_mode]}[key]
+
+
+def test_a_pre_shared_key_mismatch_is_counted_and_audited(site: Site) -> None:
+    a, b = site.a, site.b
+    since = int(time.time() * 1000)
+    failures = _counter(site, a, "authentication_failures")
+    before = {n: site.fleet()[n].desired_version for n in ("a", "b")}
+    netsh(site.address, f'ipsec static set defaultrule policy="{CLIENT}" psk="not-the-same-key-at-all-0123"')
+    try:
+        site.wait_applied("a", not_version=before["a"])
+        out = tcp(a, b.ip, 5001, "mismatch", timeout=5)
+        assert out.startswith("FAIL"), out  # b answers only under IPsec, and IKE cannot authenticate
+
+        event = _wait_events(site, a, [545], since, "a audits the authentication failure")[-1]
+        assert b.ip in event.fields["Peer Identity"] and event.fields["Filter"], event
+        assert _counter(site, a, "authentication_failures") > failures
+        negotiation = _wait_events(site, b, [547], since, "b audits the failed negotiation")
+        assert negotiation[-1].fields.get("Failure Point"), negotiation
+    finally:
+        changed = site.fleet()["a"].desired_version
+        netsh(site.address, f'ipsec static set defaultrule policy="{CLIENT}" psk="{PSK}"')
+        site.wait_applied("a", not_version=changed)
+
+
+def test_a_certificate_from_an_untrusted_root_is_audited_as_544(site: Site) -> None:
+    from cryptography import x509
+
+    from policyagent.pki.ca import CertificateAuthority
+
+    a, b = site.a, site.b
+    other, _ = CertificateAuthority.load_or_create(site.base / "other-ca", ca_name="Some Other Root")
+    (site.base / "agent-a" / "ca.d").mkdir(exist_ok=True)
+    (site.base / "agent-a" / "ca.d" / "other.pem").write_bytes(other.cert_pem)
+    other_dn = x509.load_pem_x509_certificate(other.cert_pem).subject.rfc4514_string()
+    server_dn = _server_ca_name(site)
+    since = int(time.time() * 1000)
+    before = {n: site.fleet()[n].desired_version for n in ("a", "b")}
+    netsh(site.address, f'ipsec static set defaultrule policy="{CLIENT}" rootca="{other_dn}"')  # a trusts only "other"
+    netsh(site.address, f'ipsec static set rule name="All IP Traffic" policy="{SECURE}" rootca="{server_dn}"')
+    netsh(site.address, f'ipsec static set defaultrule policy="{SECURE}" rootca="{server_dn}"')
+    try:
+        for name in ("a", "b"):
+            site.wait_applied(name, not_version=before[name])
+        assert tcp(a, b.ip, 5001, "untrusted", timeout=5).startswith("FAIL")
+        events = _wait_events(site, a, [544], since, "a audits the untrusted certificate")
+        assert "CN=b" in events[-1].fields["Peer Identity"], events
+    finally:
+        before = {n: site.fleet()[n].desired_version for n in ("a", "b")}
+        for policy in (CLIENT, SECURE):
+            netsh(site.address, f'ipsec static set defaultrule policy="{policy}" psk="{PSK}"')
+        netsh(site.address, f'ipsec static set rule name="All IP Traffic" policy="{SECURE}" psk="{PSK}"')
+        for name in ("a", "b"):
+            site.wait_applied(name, not_version=before[name])
