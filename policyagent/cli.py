@@ -105,11 +105,13 @@ def _add_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _add_agent_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from policyagent.agent.cmd import add_agent, add_agent_status
+    from policyagent.server.auditcmd import add_audit
     from policyagent.server.fleetcmd import add_fleet
 
     add_agent(subparsers)
     add_agent_status(subparsers)
     add_fleet(subparsers)
+    add_audit(subparsers)
 
 
 def _add_identity_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

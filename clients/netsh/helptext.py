@@ -10,25 +10,37 @@ from policyagent.model.settings import STATIC_COMMANDS, Command, Param
 WIDTH = 100
 
 ROOT_HELP = """\
-Usage: netsh [-r HOST:PORT | -r unix:PATH] [-f SCRIPT] [--debug] [--json] [ipsec static <command> ...]
+Usage: netsh [-r HOST:PORT | -r unix:PATH] [--cert-dir DIR] [-f SCRIPT] [--debug] [--json]
+             [ipsec static <command> ...]
+       netsh [-r unix:STATE_DIR/agent.sock] [--json] ipsec dynamic <command> ...
 
 Options:
-  -r SERVER   The policy server (default: $POLICYAGENT_SERVER, else 127.0.0.1:50051).
+  -r SERVER   static: the policy server (default: $POLICYAGENT_SERVER, else 127.0.0.1:50051), or
+              unix:PATH for an agent's local store. dynamic: the agent's socket, unix:STATE_DIR/agent.sock
+              (default: $POLICYAGENT_AGENT_SOCKET, else /var/lib/policyagent-agent/agent.sock).
+  --cert-dir  static: the directory of the admin certificate netsh presents to the policy server.
   -f SCRIPT   Run the commands in SCRIPT, one per line (# starts a comment); stop at the first error.
   --json      show commands print the objects as JSON (pre-shared keys masked).
   --debug     Show the traceback of an error.
 
 Contexts:
   ipsec static    Static mode: policies, filter lists and filter actions in the server's store.
+  ipsec dynamic   Dynamic mode: one computer's running IPsec, on its agent: statistics, security
+                  associations, filters in force, configuration, and dynamic-mode policies and rules
+                  (kept in the agent's memory until it stops).
 
 Without a command, netsh reads commands from standard input.
-Type "netsh ipsec static ?" for the commands, "netsh ipsec static add policy ?" for one command.
+Type "netsh ipsec static ?" or "netsh ipsec dynamic ?" for the commands, "netsh ipsec static add policy ?"
+for one command.
 """
 
 IPSEC_HELP = """\
 Contexts in "ipsec":
+  dynamic   Dynamic mode: the IPsec running on one computer, on its agent's socket: statistics,
+            security associations, filters in force, configuration, and main mode policies, quick mode
+            policies and rules added to it (enforced at once with the assigned policy, kept in the
+            agent's memory until it stops).
   static    Static mode: policies, filter lists and filter actions in the server's store.
-            (Dynamic mode runs on each machine's agent and is not available here yet.)
 """
 
 

@@ -1,12 +1,14 @@
 """`netsh`: options, contexts, scripts (-f), the interactive reader, and errors as exit codes.
 
     netsh [-r HOST:PORT | -r unix:PATH] [--cert-dir DIR] [-f SCRIPT] [--debug] [--json] [ipsec static <command> ...]
+    netsh [-r unix:STATE_DIR/agent.sock] [--json] ipsec dynamic <command> ...
 
 A line (from the command line, a script or standard input) is interpreted in a
-context, as Windows netsh does: at the root it must start with `ipsec static`;
-after `pushd ipsec static` (or typing `ipsec static` interactively) it is a static
-command. Errors print one line on stderr and give exit code 1 (the command
-failed) or 2 (the command line is malformed); --debug adds the traceback.
+context, as Windows netsh does: at the root it must start with `ipsec static` or
+`ipsec dynamic`; after `pushd ipsec static` (or typing `ipsec static` interactively)
+it is a static command. Dynamic commands go to one computer's agent
+(clients.netsh.dynamic). Errors print one line on stderr and give exit code 1 (the
+command failed) or 2 (the command line is malformed); --debug adds the traceback.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from clients.netsh import helptext
+from clients.netsh import dynamic, helptext
 from clients.netsh.client import AdminClient, server_target
 from clients.netsh.commands import Context, run
-from clients.netsh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CommandError, UsageError
+from clients.netsh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError
 from clients.netsh.syntax import HELP_TOKENS, HelpRequest, parse_args, resolve_command, resolve_prefix, split_line
 from policyagent.model.errors import PolicyError
 
 STATIC = ("ipsec", "static")
+DYNAMIC = ("ipsec", "dynamic")
 # Context words below the root and below "ipsec". Dynamic mode lives on each agent.
 _CONTEXTS: dict[tuple[str, ...], tuple[str, ...]] = {(): ("ipsec",), ("ipsec",): ("dynamic", "static")}
 _EXIT_WORDS = frozenset({"exit", "quit", "bye"})
@@ -79,8 +82,11 @@ class StopReading(Exception):
 class Shell:
     """Runs netsh lines against one server connection, tracking the current context."""
 
-    def __init__(self, ctx: Context, out: TextIO, *, debug: bool = False) -> None:
+    def __init__(
+        self, ctx: Context, out: TextIO, *, debug: bool = False, dynamic_ctx: dynamic.DynamicContext | None = None
+    ) -> None:
         self.ctx = ctx
+        self.dynamic = dynamic_ctx or dynamic.DynamicContext(json=ctx.json, out=out)
         self.out = out
         self.debug = debug
         self.context: tuple[str, ...] = ()
@@ -93,11 +99,6 @@ class Shell:
             word = resolve_prefix(tokens[0], _CONTEXTS[context], "command" if not context else "context")
             context = (*context, word)
             tokens = tokens[1:]
-            if context == ("ipsec", "dynamic"):
-                raise CommandError(
-                    "ipsec dynamic configures a running machine: it belongs to the agent's local admin "
-                    "socket, which is not available yet; this netsh manages the server's static store"
-                )
         return context, tokens
 
     def locate(self, tokens: list[str]) -> tuple[tuple[str, ...], list[str]]:
@@ -130,12 +131,17 @@ class Shell:
             self.context = self.context[:-1]
             return None
         context, rest = self.locate(tokens)
+        if context == DYNAMIC:
+            if not rest:
+                return context
+            dynamic.execute(self.dynamic, rest)
+            return None
         if context != STATIC:
             if rest and rest[0].lower() in HELP_TOKENS:
-                self.out.write(helptext.ROOT_HELP if not context else helptext.IPSEC_HELP)
+                self.out.write(helptext.ROOT_HELP if not context else dynamic.IPSEC_HELP)
                 return None
             if rest:
-                raise UsageError(f'unknown command "{rest[0]}"; commands start with "ipsec static"')
+                raise UsageError(f'unknown command "{rest[0]}"; commands start with "ipsec static" or "ipsec dynamic"')
             return context
         if not rest:
             return context
@@ -225,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _report(exc, err, "netsh: ", debug)
     client = AdminClient(server_target(opts.server), cert_dir=opts.cert_dir)
-    shell = Shell(Context(client, json=opts.json, out=out), out, debug=opts.debug)
+    agent = dynamic.DynamicContext(opts.server, json=opts.json, out=out)
+    shell = Shell(Context(client, json=opts.json, out=out), out, debug=opts.debug, dynamic_ctx=agent)
     try:
         if opts.script is not None:
             # Words after -f name the context the script starts in (`netsh -f FILE ipsec static`).
@@ -251,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(exc, err, "netsh: ", opts.debug)
     finally:
         client.close()
+        agent.close()
 
 
 if __name__ == "__main__":

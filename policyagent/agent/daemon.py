@@ -227,6 +227,7 @@ class AgentDaemon:
         # Audit events forwarded to the server (agent/forward.py): how far the server has them.
         self.audit_cursor = AuditCursor.load(config.state_dir, config.audit_batch)
         self._forward_wake = asyncio.Event()
+        self._stats_outbox: object = None  # the stream that has had its first statistics
         from policyagent.agent.enforce.dynamic import DynamicStore
 
         self.dynamic = DynamicStore()  # dynamic-mode policy: in memory, gone when the agent stops
@@ -379,10 +380,12 @@ class AgentDaemon:
             return
         outbox.put_nowait(message)
         if kind == "hello":
-            # Right after connecting: the statistics at once (not a heartbeat interval later), and the
-            # audit events recorded while the stream was down.
+            self._forward_wake.set()  # the audit events recorded while the stream was down, at once
+        elif kind == "ack" or (kind == "nack" and self._stats_outbox is not outbox):
+            # Right after connecting (the answer to the server's first push) and whenever a policy takes
+            # effect: the statistics at once, with the policy in force, not a heartbeat interval later.
+            self._stats_outbox = outbox
             self._spawn(self._send_heartbeat(self.session.heartbeat(), outbox))
-            self._forward_wake.set()
 
     # ------------------------------------------------------------------ forwarding (statistics, audit)
 
@@ -424,12 +427,14 @@ class AgentDaemon:
             if not batch:
                 return
             channel = self._channel
+            if channel is None:  # the stream went down meanwhile: after the reconnect
+                return
             try:
                 await dist_grpc.DistributionStub(channel).Report(
                     dist_pb.AgentMessage(audit_batch=dist_pb.AuditBatch(events=batch)),
                     timeout=self.config.rpc_timeout_s,
                 )
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, aio.UsageError) as exc:  # UsageError: the channel closed under the call
                 _log.info("audit events not forwarded; retrying later", extra={"reason": _rpc_reason(exc)})
                 return
             await loop.run_in_executor(None, cursor.commit, batch)

@@ -8,6 +8,8 @@ status, not policy: losing the last half second of them in a crash costs nothing
 a stale "last seen", which the agents' next Hello corrects.
 
 `fleet_status()` is pure: records + desired versions + now → the FleetStatus message.
+A record also keeps the agent's latest statistics (the StatisticsSummary of its last heartbeat);
+`fleet_statistics()` turns records into Fleet.GetStatistics' answer, totals included.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from policyagent.pb import dist_pb, fleet_pb
+from policyagent.pb import agent_pb, dist_pb, fleet_pb
 
 FLEET_FILE = "fleet.sqlite3"
 
@@ -40,11 +42,17 @@ CREATE TABLE IF NOT EXISTS agents (
     capabilities BLOB NOT NULL DEFAULT x'',
     agent_version TEXT NOT NULL DEFAULT '',
     peer TEXT NOT NULL DEFAULT '',
-    revoked_unix_ms INTEGER NOT NULL DEFAULT 0
+    revoked_unix_ms INTEGER NOT NULL DEFAULT 0,
+    statistics BLOB NOT NULL DEFAULT x'',
+    statistics_unix_ms INTEGER NOT NULL DEFAULT 0
 )
 """
 # Columns added after the first release of the table: (name, definition).
-_ADDED_COLUMNS = [("revoked_unix_ms", "INTEGER NOT NULL DEFAULT 0")]
+_ADDED_COLUMNS = [
+    ("revoked_unix_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("statistics", "BLOB NOT NULL DEFAULT x''"),
+    ("statistics_unix_ms", "INTEGER NOT NULL DEFAULT 0"),
+]
 
 
 @dataclass(slots=True)  # one per computer: no per-instance __dict__
@@ -67,6 +75,8 @@ class AgentRecord:
     agent_version: str = ""
     peer: str = ""
     revoked_unix_ms: int = 0  # its host certificate was revoked then; cleared by a Hello with a new certificate
+    statistics: bytes = b""  # the latest heartbeat's StatisticsSummary, serialized ("" = none yet)
+    statistics_unix_ms: int = 0  # when that heartbeat arrived
 
 
 _COLUMNS = [f.name for f in fields(AgentRecord)]
@@ -217,3 +227,71 @@ def fleet_status(
 
 def capabilities_bytes(capabilities: dist_pb.Capabilities) -> bytes:
     return capabilities.SerializeToString(deterministic=True)
+
+
+def _counter_tables() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """(key, display name) of the main mode and quick mode counters, in the IP Security Monitor's order."""
+    try:
+        from policyagent.agent.enforce.monitor import MAIN_MODE_FIELDS, QUICK_MODE_FIELDS
+    except ImportError:  # pragma: no cover - a server without the agent's enforcer modules
+        return (), ()
+    return MAIN_MODE_FIELDS, QUICK_MODE_FIELDS
+
+
+def _counters(values: Mapping[str, int], table: tuple[tuple[str, str], ...]) -> list[agent_pb.Counter]:
+    """Counters in the table's order (with its names), then any key the table does not know, sorted."""
+    known = {key for key, _ in table}
+    out = [agent_pb.Counter(key=key, name=name, value=values[key]) for key, name in table if key in values]
+    out += [
+        agent_pb.Counter(key=key, name=key.replace("_", " ").title(), value=values[key])
+        for key in sorted(values)
+        if key not in known
+    ]
+    return out
+
+
+def ipsec_statistics(stats: dist_pb.StatisticsSummary) -> agent_pb.IpsecStatistics:
+    """A heartbeat's summary as the IP Security Monitor's message (display names and order restored)."""
+    main_table, quick_table = _counter_tables()
+    return agent_pb.IpsecStatistics(
+        main_mode=_counters(dict(stats.main_mode), main_table),
+        quick_mode=_counters(dict(stats.quick_mode), quick_table),
+        ipsec_active=stats.ipsec_active,
+        policy_name=stats.policy_name,
+        enforcer=stats.enforcer,
+        since_unix_ms=stats.since_unix_ms,
+        time_unix_ms=stats.time_unix_ms,
+    )
+
+
+def fleet_statistics(records: Iterable[AgentRecord], now_ms: int) -> fleet_pb.FleetStatistics:
+    """Each record's latest statistics and the totals: every counter summed over the computers that sent some."""
+    out = fleet_pb.FleetStatistics(server_time_unix_ms=now_ms)
+    main: dict[str, int] = {}
+    quick: dict[str, int] = {}
+    for record in sorted(records, key=lambda r: r.computer):
+        if not record.statistics:
+            out.not_reporting.append(record.computer)
+            continue
+        summary = dist_pb.StatisticsSummary.FromString(record.statistics)
+        entry = out.computers.add(
+            computer=record.computer, online=record.online, received_unix_ms=record.statistics_unix_ms
+        )
+        entry.statistics.CopyFrom(ipsec_statistics(summary))
+        for key, value in summary.main_mode.items():
+            main[key] = main.get(key, 0) + value
+        for key, value in summary.quick_mode.items():
+            quick[key] = quick.get(key, 0) + value
+        if summary.ipsec_active:
+            out.ipsec_active += 1
+    main_table, quick_table = _counter_tables()
+    out.totals.CopyFrom(
+        agent_pb.IpsecStatistics(
+            main_mode=_counters(main, main_table),
+            quick_mode=_counters(quick, quick_table),
+            ipsec_active=out.ipsec_active > 0,
+            time_unix_ms=now_ms,
+        )
+    )
+    out.reporting = len(out.computers)
+    return out

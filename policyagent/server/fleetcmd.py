@@ -1,4 +1,5 @@
-"""`policyagent fleet status [--watch]`: where every agent stands (admin certificate)."""
+"""`policyagent fleet status [--watch]`: where every agent stands; `policyagent fleet stats`: the IP
+Security Monitor of every agent and the fleet's totals (admin certificate)."""
 
 from __future__ import annotations
 
@@ -39,16 +40,37 @@ def add_fleet(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         ),
     )
     status.add_argument("computers", nargs="*", help="only these computers")
-    status.add_argument(
-        "--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER), help=f"HOST:PORT (default: ${SERVER_ENV})"
-    )
-    status.add_argument("--cert-dir", help="admin certificate directory (admin.crt, admin.key, ca.crt)")
-    status.add_argument("--server-name", default="", help="TLS name of the server when HOST is not in its certificate")
+    connection_options(status)
     status.add_argument("--watch", action="store_true", help="follow the rollout until no agent is pending")
     status.add_argument("--follow", action="store_true", help="with --watch: keep following after convergence")
     status.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="with --watch: give up after")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=run_fleet_status)
+    stats = sub.add_parser(
+        "stats",
+        help="the IP Security Monitor of the whole fleet: totals and each computer's key counters",
+        description=(
+            "Every counter of the IP Security Monitor (main mode and quick mode) summed over the fleet, then one "
+            "line per computer with its key counters, as of each agent's latest heartbeat (every 30 s)."
+        ),
+    )
+    stats.add_argument("computers", nargs="*", help="only these computers")
+    connection_options(stats)
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.set_defaults(handler=run_fleet_stats)
+
+
+def connection_options(parser: argparse.ArgumentParser) -> None:
+    """-r/--server, --cert-dir, --server-name: how the admin commands reach the server."""
+    parser.add_argument(
+        "-r",
+        "--server",
+        metavar="HOST:PORT",
+        default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+        help=f"the policy server (default: ${SERVER_ENV}, else {DEFAULT_SERVER})",
+    )
+    parser.add_argument("--cert-dir", help="admin certificate directory (admin.crt, admin.key, ca.crt)")
+    parser.add_argument("--server-name", default="", help="TLS name of the server when HOST is not in its certificate")
 
 
 def _ago(now_ms: int, then_ms: int) -> str:
@@ -105,7 +127,7 @@ def _iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else "?"
 
 
-def _channel(args: argparse.Namespace) -> Any:
+def channel(args: argparse.Namespace) -> Any:
     import grpc
 
     from policyagent.pki.tls import find_admin_certificate
@@ -123,8 +145,8 @@ def run_fleet_status(args: argparse.Namespace) -> int:
     from policyagent.pb import fleet_grpc
 
     request = fleet_pb.FleetStatusRequest(computers=args.computers)
-    with _channel(args) as channel:
-        stub = fleet_grpc.FleetStub(channel)
+    with channel(args) as chan:
+        stub = fleet_grpc.FleetStub(chan)
         try:
             if not args.watch:
                 status = stub.Status(request, timeout=30)
@@ -165,3 +187,83 @@ def _watch(stub: Any, request: fleet_pb.FleetStatusRequest, args: argparse.Names
             print(file=sys.stderr)
     assert last is not None
     return last
+
+
+def rpc_error(what: str, args: argparse.Namespace, exc: Exception) -> OSError:
+    import grpc
+
+    detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return OSError(f"{what} from {args.server}: {detail}")
+
+
+def run_fleet_stats(args: argparse.Namespace) -> int:
+    import grpc
+
+    from policyagent.pb import fleet_grpc
+
+    with channel(args) as chan:
+        try:
+            stats = fleet_grpc.FleetStub(chan).GetStatistics(
+                fleet_pb.FleetStatisticsRequest(computers=args.computers), timeout=30
+            )
+        except grpc.RpcError as exc:
+            raise rpc_error("fleet statistics", args, exc) from None
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(stats), indent=2))
+    else:
+        render_stats(stats, sys.stdout)
+    return 0
+
+
+# Per-computer columns of `fleet stats`: (header, "mm"|"qm", counter key).
+STATS_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("IKE MM", "mm", "ike_main_modes"),
+    ("IKE QM", "mm", "ike_quick_modes"),
+    ("ACTIVE QM", "qm", "active_security_associations"),
+    ("AUTH FAIL", "mm", "authentication_failures"),
+    ("NEG FAIL", "mm", "negotiation_failures"),
+    ("BYTES SENT", "qm", "confidential_bytes_sent"),
+    ("BYTES RECV", "qm", "confidential_bytes_received"),
+)
+
+
+def _counter_map(stats: Any) -> dict[str, dict[str, int]]:
+    return {
+        "mm": {c.key: c.value for c in stats.main_mode},
+        "qm": {c.key: c.value for c in stats.quick_mode},
+    }
+
+
+def render_stats(stats: fleet_pb.FleetStatistics, out: TextIO) -> None:
+    now = stats.server_time_unix_ms
+    line = f"fleet: {stats.reporting} computer(s) reporting, {stats.ipsec_active} with IPsec active"
+    if stats.not_reporting:
+        line += f"; no statistics from {', '.join(stats.not_reporting)}"
+    print(line, file=out)
+    print(file=out)
+    for title, counters in (
+        ("IKE Main Mode Statistics (fleet total)", stats.totals.main_mode),
+        ("IPSec Quick Mode Statistics (fleet total)", stats.totals.quick_mode),
+    ):
+        print(title, file=out)
+        print("-" * len(title), file=out)
+        width = max((len(c.name) for c in counters), default=0)
+        for c in counters:
+            print(f"{c.name.ljust(width)}  {c.value}", file=out)
+        print(file=out)
+    header = ("COMPUTER", "IPSEC", *(h for h, _, _ in STATS_COLUMNS), "POLICY", "AS OF")
+    rows = [header]
+    for entry in stats.computers:
+        values = _counter_map(entry.statistics)
+        rows.append(
+            (
+                entry.computer,
+                "active" if entry.statistics.ipsec_active else "-",
+                *(str(values[block].get(key, 0)) for _, block, key in STATS_COLUMNS),
+                entry.statistics.policy_name or "-",
+                _ago(now, entry.received_unix_ms) + ("" if entry.online else " (offline)"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip(), file=out)

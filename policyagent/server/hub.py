@@ -24,11 +24,16 @@ Identity comes only from the client certificate (`identify(context)`); the Hello
 
 Per agent the hub keeps an `AgentRecord` (policyagent/server/fleet.py), persisted
 write-behind to its own SQLite file, and serves the admin `Fleet` service from them.
+The record keeps the agent's latest statistics (its heartbeats carry a summary of the IP
+Security Monitor: Fleet.GetStatistics); the audit events agents forward (`AuditBatch`, over
+Report or the stream) go to an `AuditStore` (policyagent/server/audit.py, `audit.sqlite3`
+next to the fleet file), written behind with the records (Fleet.ListAuditEvents).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import secrets
@@ -44,7 +49,15 @@ from grpc import aio
 
 from policyagent.model.errors import NotFoundError
 from policyagent.pb import dist_grpc, dist_pb, fleet_grpc, fleet_pb
-from policyagent.server.fleet import FLEET_FILE, AgentRecord, FleetRegistry, capabilities_bytes, fleet_status
+from policyagent.server.audit import AUDIT_FILE, AuditStore
+from policyagent.server.fleet import (
+    FLEET_FILE,
+    AgentRecord,
+    FleetRegistry,
+    capabilities_bytes,
+    fleet_statistics,
+    fleet_status,
+)
 
 _log = logging.getLogger("policyagent.server.hub")
 
@@ -172,9 +185,12 @@ class Hub:
         store_executor: Executor | None = None,
         keepalive_s: float = DEFAULT_KEEPALIVE_S,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        audit: AuditStore | None = None,
     ) -> None:
         self._effective = effective
         self.registry = registry
+        # Forwarded audit events: by default in audit.sqlite3 next to the fleet records.
+        self.audit = audit if audit is not None else AuditStore(registry.path.parent / AUDIT_FILE)
         # Where batches of effective-policy reads run (None: the loop's default executor).
         self._store_executor = store_executor
         self._flush_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyagent-fleet")
@@ -217,7 +233,9 @@ class Hub:
             if record.online:
                 record.online = False
                 self.registry.touch(record.computer)
-        await asyncio.get_running_loop().run_in_executor(self._flush_executor, self.registry.close)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._flush_executor, self.registry.close)
+        await loop.run_in_executor(self._flush_executor, self.audit.close)
         self._flush_executor.shutdown(wait=True)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -457,6 +475,15 @@ class Hub:
             record.applied_version = message.heartbeat.applied_version
             record.running_on_cache = message.heartbeat.running_on_cache
             record.cache_since_unix_ms = message.heartbeat.cache_since_unix_ms if record.running_on_cache else 0
+            if message.heartbeat.HasField("statistics"):
+                record.statistics = message.heartbeat.statistics.SerializeToString(deterministic=True)
+                record.statistics_unix_ms = now
+        elif kind == "audit_batch":
+            added = self.audit.add(computer, message.audit_batch.events, now)
+            if added.dropped:
+                _log.error("audit events dropped: the audit store is not written", extra={"dropped": added.dropped})
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("audit events", extra={"computer": computer, "events": added.queued})
         elif kind == "hello":
             self._record_hello(record, message.hello, now)
         self.registry.touch(computer)
@@ -544,6 +571,11 @@ class Hub:
                 await loop.run_in_executor(self._flush_executor, self.registry.flush)
             except Exception:
                 _log.exception("writing the fleet records failed")
+            if self.audit.pending:
+                try:
+                    await loop.run_in_executor(self._flush_executor, self.audit.flush)
+                except Exception:
+                    _log.exception("writing the audit events failed")
 
     async def status(self, computers: Iterable[str] = ()) -> fleet_pb.FleetStatus:
         wanted = {c for c in computers}
@@ -551,6 +583,30 @@ class Hub:
         names = [r.computer for r in records]
         desired = await self._blocking(self._versions_of, names)
         return fleet_status(records, desired, _now_ms(), int(self.stale_after_s * 1000))
+
+    async def audit_events(self, request: fleet_pb.FleetAuditRequest) -> fleet_pb.FleetAuditEvents:
+        """Fleet.ListAuditEvents: the forwarded audit events matching, from the audit store (flush thread)."""
+        events, truncated = await asyncio.get_running_loop().run_in_executor(
+            self._flush_executor,
+            functools.partial(
+                self.audit.query,
+                request.computers,
+                request.ids,
+                request.since_unix_ms,
+                request.until_unix_ms,
+                request.limit,
+            ),
+        )
+        return fleet_pb.FleetAuditEvents(server_time_unix_ms=_now_ms(), events=events, truncated=truncated)
+
+    def statistics(self, computers: Iterable[str] = ()) -> fleet_pb.FleetStatistics:
+        """Fleet.GetStatistics: every agent's latest statistics (or those named) and the fleet's totals."""
+        wanted = {c.strip().lower() for c in computers if c.strip()}
+        records = [r for r in self.registry.records.values() if not wanted or r.computer.lower() in wanted]
+        out = fleet_statistics(records, _now_ms())
+        known = {r.computer.lower() for r in records}
+        out.not_reporting.extend(sorted(c for c in wanted if c not in known))
+        return out
 
     def _versions_of(self, names: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -631,6 +687,18 @@ class FleetServicer(fleet_grpc.FleetServicer):
         await self._authorize(context)
         async for snapshot in self._hub.watch(request.computers):
             yield snapshot
+
+    async def ListAuditEvents(
+        self, request: fleet_pb.FleetAuditRequest, context: aio.ServicerContext[Any, Any]
+    ) -> fleet_pb.FleetAuditEvents:
+        await self._authorize(context)
+        return await self._hub.audit_events(request)
+
+    async def GetStatistics(
+        self, request: fleet_pb.FleetStatisticsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> fleet_pb.FleetStatistics:
+        await self._authorize(context)
+        return self._hub.statistics(request.computers)
 
 
 def _add_distribution(servicer: DistributionServicer, server: aio.Server) -> None:

@@ -33,11 +33,16 @@ def _addr_text(a: pb.Address) -> str:
     return kind
 
 
+def _addr_key(a: pb.Address) -> tuple[int, str, str]:
+    """An address by value (the DNS name it was resolved from does not matter)."""
+    return (a.kind, a.ip, a.mask)
+
+
 def rule_key(rule: agent_pb.DynamicRule) -> tuple[object, ...]:
     """What identifies a dynamic rule (Windows: everything but the policies, actions and auth methods)."""
     return (
-        rule.source.SerializeToString(deterministic=True),
-        rule.destination.SerializeToString(deterministic=True),
+        _addr_key(rule.source),
+        _addr_key(rule.destination),
         rule.protocol,
         rule.source_port,
         rule.destination_port,
@@ -57,11 +62,11 @@ def describe_rule(rule: agent_pb.DynamicRule) -> str:
 
 def _check_rule(rule: agent_pb.DynamicRule, state: agent_pb.DynamicState) -> None:
     what = describe_rule(rule)
-    mm = {p.name for p in state.mm_policies}
-    qm = {p.name for p in state.qm_policies}
+    mm = {p.name.lower() for p in state.mm_policies}
+    qm = {p.name.lower() for p in state.qm_policies}
     if not rule.mm_policy:
         raise DynamicError(f"{what}: mmpolicy is required")
-    if rule.mm_policy not in mm:
+    if rule.mm_policy.lower() not in mm:
         raise DynamicError(f'{what}: mmpolicy: there is no main mode policy "{rule.mm_policy}"')
     for field, action in (("actioninbound", rule.action_inbound), ("actionoutbound", rule.action_outbound)):
         if action not in MIRROR_ACTIONS:
@@ -69,12 +74,14 @@ def _check_rule(rule: agent_pb.DynamicRule, state: agent_pb.DynamicState) -> Non
     negotiates = pb.ACTION_TYPE_NEGOTIATE in (rule.action_inbound, rule.action_outbound)
     if negotiates and not rule.qm_policy:
         raise DynamicError(f"{what}: qmpolicy is required when an action is negotiate")
-    if rule.qm_policy and rule.qm_policy not in qm:
+    if rule.qm_policy and rule.qm_policy.lower() not in qm:
         raise DynamicError(f'{what}: qmpolicy: there is no quick mode policy "{rule.qm_policy}"')
     if negotiates and not rule.auth_methods:
         raise DynamicError(f"{what}: give an authentication method (kerberos=, psk= or rootca=)")
     if (rule.source_port or rule.destination_port) and rule.protocol not in (6, 17):
         raise DynamicError(f"{what}: ports apply to TCP (6) and UDP (17) only")
+    if any(m.HasField("preshared_key") and set(m.preshared_key.key) <= {"*"} for m in rule.auth_methods):
+        raise DynamicError(f"{what}: psk: give the key itself, not its masked form")
     if rule.tunnel_endpoint and rule.mirrored:
         raise DynamicError(f"{what}: tunnel rules cannot be mirrored")
 
@@ -170,14 +177,14 @@ class DynamicStore:
     @staticmethod
     def _delete_policy(state: agent_pb.DynamicState, items: object, name: str, field: str, what: str) -> None:
         seq = list(items)  # type: ignore[call-overload]
-        used = {getattr(r, field) for r in state.rules}
+        used = {getattr(r, field).lower() for r in state.rules}
         if name.lower() == "all":
-            keep = [p for p in seq if p.name in used]
+            keep = [p for p in seq if p.name.lower() in used]
         else:
             match = [p for p in seq if p.name.lower() == name.lower()]
             if not match:
                 raise DynamicError(f'there is no {what} "{name}"')
-            if match[0].name in used:
+            if match[0].name.lower() in used:
                 raise DynamicError(f'{what} "{name}" is used by a rule; delete or change the rule first')
             keep = [p for p in seq if p is not match[0]]
         del items[:]  # type: ignore[attr-defined]
@@ -193,20 +200,20 @@ class DynamicStore:
 
 def pseudo_policies(state: agent_pb.DynamicState) -> list[dist_pb.EffectivePolicy]:
     """One effective policy per dynamic rule, in the static model, for compile()."""
-    mm = {p.name: p for p in state.mm_policies}
-    qm = {p.name: p for p in state.qm_policies}
+    mm = {p.name.lower(): p for p in state.mm_policies}
+    qm = {p.name.lower(): p for p in state.qm_policies}
     out = []
     for n, rule in enumerate(state.rules, start=1):
         tag = hashlib.sha256(b"".join(str(k).encode() for k in rule_key(rule))).hexdigest()[:12]
         eff = dist_pb.EffectivePolicy(computer="", membership="", source="dynamic", version=f"dynamic-{tag}")
         policy = eff.policy
         policy.id, policy.name = f"dynamic-{tag}", f"dynamic mode rule {n}"
-        mmp = mm.get(rule.mm_policy)
+        mmp = mm.get(rule.mm_policy.lower())
         if mmp is not None:
             policy.isakmp.methods.extend(mmp.methods)
             policy.isakmp.lifetime_minutes = mmp.mm_lifetime_minutes
             policy.isakmp.qm_per_mm = mmp.qm_per_mm
-        qmp = qm.get(rule.qm_policy)
+        qmp = qm.get(rule.qm_policy.lower())
         directions: list[tuple[str, pb.Address, pb.Address, int, int, bool, int]]
         if rule.action_inbound == rule.action_outbound:
             directions = [

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from policyagent._proto.policyagent.v1 import policy_pb2 as policyagent_dot_v1_dot_policy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!policyagent/v1/distribution.proto\x12\x0epolicyagent.v1\x1a\x1bpolicyagent/v1/policy.proto\"\x93\x01\n\x0c\x43\x61pabilities\x12\x10\n\x08\x65nforcer\x18\x01 \x01(\t\x12\x10\n\x08\x65nforces\x18\x02 \x01(\x08\x12\x12\n\nkernel_esp\x18\x03 \x01(\x08\x12\x11\n\tkernel_ah\x18\x04 \x01(\x08\x12\x0e\n\x06ipcomp\x18\x05 \x01(\x08\x12\x16\n\x0etransport_mode\x18\x06 \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\"\xb4\x01\n\x05Hello\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x32\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x17\n\x0f\x61pplied_version\x18\x03 \x01(\t\x12\x18\n\x10running_on_cache\x18\x04 \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\x05 \x01(\x03\x12\x15\n\ragent_version\x18\x06 \x01(\t\"%\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\"6\n\x04Nack\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc7\x01\n\tHeartbeat\x12\x17\n\x0f\x61pplied_version\x18\x01 \x01(\t\x12\x18\n\x10running_on_cache\x18\x02 \x01(\x08\x12\x39\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\'.policyagent.v1.Heartbeat.CountersEntry\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\x04 \x01(\x03\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb7\x01\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.policyagent.v1.HelloH\x00\x12\"\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x13.policyagent.v1.AckH\x00\x12$\n\x04nack\x18\x03 \x01(\x0b\x32\x14.policyagent.v1.NackH\x00\x12.\n\theartbeat\x18\x04 \x01(\x0b\x32\x19.policyagent.v1.HeartbeatH\x00\x42\x05\n\x03msg\"\x9a\x01\n\x08RsopStep\x12\x0e\n\x06gpo_id\x18\x01 \x01(\t\x12\x10\n\x08gpo_name\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x12\n\nlink_order\x18\x04 \x01(\r\x12\x10\n\x08\x65nforced\x18\x05 \x01(\x08\x12\x11\n\tpolicy_id\x18\x06 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\"\xb2\x02\n\x0f\x45\x66\x66\x65\x63tivePolicy\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x10\n\x08\x63omputer\x18\x03 \x01(\t\x12\x12\n\nmembership\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12&\n\x06policy\x18\x06 \x01(\x0b\x32\x16.policyagent.v1.Policy\x12\x30\n\x0c\x66ilter_lists\x18\x07 \x03(\x0b\x32\x1a.policyagent.v1.FilterList\x12\x34\n\x0e\x66ilter_actions\x18\x08 \x03(\x0b\x32\x1c.policyagent.v1.FilterAction\x12&\n\x04rsop\x18\t \x03(\x0b\x32\x18.policyagent.v1.RsopStep\x12\x11\n\tunchanged\x18\n \x01(\x08\"y\n\rServerMessage\x12\x31\n\x06policy\x18\x01 \x01(\x0b\x32\x1f.policyagent.v1.EffectivePolicyH\x00\x12.\n\tkeepalive\x18\x02 \x01(\x0b\x32\x19.policyagent.v1.KeepAliveH\x00\x42\x05\n\x03msg\"(\n\tKeepAlive\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\"%\n\x0c\x46\x65tchRequest\x12\x15\n\rknown_version\x18\x01 \x01(\t\"\x10\n\x0eReportResponse2\xe9\x01\n\x0c\x44istribution\x12I\n\x06Stream\x12\x1c.policyagent.v1.AgentMessage\x1a\x1d.policyagent.v1.ServerMessage(\x01\x30\x01\x12\x46\n\x05\x46\x65tch\x12\x1c.policyagent.v1.FetchRequest\x1a\x1f.policyagent.v1.EffectivePolicy\x12\x46\n\x06Report\x12\x1c.policyagent.v1.AgentMessage\x1a\x1e.policyagent.v1.ReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!policyagent/v1/distribution.proto\x12\x0epolicyagent.v1\x1a\x1bpolicyagent/v1/policy.proto\"\x93\x01\n\x0c\x43\x61pabilities\x12\x10\n\x08\x65nforcer\x18\x01 \x01(\t\x12\x10\n\x08\x65nforces\x18\x02 \x01(\x08\x12\x12\n\nkernel_esp\x18\x03 \x01(\x08\x12\x11\n\tkernel_ah\x18\x04 \x01(\x08\x12\x0e\n\x06ipcomp\x18\x05 \x01(\x08\x12\x16\n\x0etransport_mode\x18\x06 \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\"\xb4\x01\n\x05Hello\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x32\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x17\n\x0f\x61pplied_version\x18\x03 \x01(\t\x12\x18\n\x10running_on_cache\x18\x04 \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\x05 \x01(\x03\x12\x15\n\ragent_version\x18\x06 \x01(\t\"%\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\"6\n\x04Nack\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xfe\x01\n\tHeartbeat\x12\x17\n\x0f\x61pplied_version\x18\x01 \x01(\t\x12\x18\n\x10running_on_cache\x18\x02 \x01(\x08\x12\x39\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\'.policyagent.v1.Heartbeat.CountersEntry\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\x04 \x01(\x03\x12\x35\n\nstatistics\x18\x05 \x01(\x0b\x32!.policyagent.v1.StatisticsSummary\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xea\x02\n\x11StatisticsSummary\x12\x42\n\tmain_mode\x18\x01 \x03(\x0b\x32/.policyagent.v1.StatisticsSummary.MainModeEntry\x12\x44\n\nquick_mode\x18\x02 \x03(\x0b\x32\x30.policyagent.v1.StatisticsSummary.QuickModeEntry\x12\x14\n\x0cipsec_active\x18\x03 \x01(\x08\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\x10\n\x08\x65nforcer\x18\x05 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0ctime_unix_ms\x18\x07 \x01(\x03\x1a/\n\rMainModeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x30\n\x0eQuickModeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xa8\x01\n\x0b\x41uditRecord\x12\n\n\x02id\x18\x01 \x01(\r\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x37\n\x06\x66ields\x18\x03 \x03(\x0b\x32\'.policyagent.v1.AuditRecord.FieldsEntry\x12\x0f\n\x07message\x18\x04 \x01(\t\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\nAuditBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.policyagent.v1.AuditRecord\"\xea\x01\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.policyagent.v1.HelloH\x00\x12\"\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x13.policyagent.v1.AckH\x00\x12$\n\x04nack\x18\x03 \x01(\x0b\x32\x14.policyagent.v1.NackH\x00\x12.\n\theartbeat\x18\x04 \x01(\x0b\x32\x19.policyagent.v1.HeartbeatH\x00\x12\x31\n\x0b\x61udit_batch\x18\x05 \x01(\x0b\x32\x1a.policyagent.v1.AuditBatchH\x00\x42\x05\n\x03msg\"\x9a\x01\n\x08RsopStep\x12\x0e\n\x06gpo_id\x18\x01 \x01(\t\x12\x10\n\x08gpo_name\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x12\n\nlink_order\x18\x04 \x01(\r\x12\x10\n\x08\x65nforced\x18\x05 \x01(\x08\x12\x11\n\tpolicy_id\x18\x06 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\"\xb2\x02\n\x0f\x45\x66\x66\x65\x63tivePolicy\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x10\n\x08\x63omputer\x18\x03 \x01(\t\x12\x12\n\nmembership\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12&\n\x06policy\x18\x06 \x01(\x0b\x32\x16.policyagent.v1.Policy\x12\x30\n\x0c\x66ilter_lists\x18\x07 \x03(\x0b\x32\x1a.policyagent.v1.FilterList\x12\x34\n\x0e\x66ilter_actions\x18\x08 \x03(\x0b\x32\x1c.policyagent.v1.FilterAction\x12&\n\x04rsop\x18\t \x03(\x0b\x32\x18.policyagent.v1.RsopStep\x12\x11\n\tunchanged\x18\n \x01(\x08\"y\n\rServerMessage\x12\x31\n\x06policy\x18\x01 \x01(\x0b\x32\x1f.policyagent.v1.EffectivePolicyH\x00\x12.\n\tkeepalive\x18\x02 \x01(\x0b\x32\x19.policyagent.v1.KeepAliveH\x00\x42\x05\n\x03msg\"(\n\tKeepAlive\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\"%\n\x0c\x46\x65tchRequest\x12\x15\n\rknown_version\x18\x01 \x01(\t\"\x10\n\x0eReportResponse2\xe9\x01\n\x0c\x44istribution\x12I\n\x06Stream\x12\x1c.policyagent.v1.AgentMessage\x1a\x1d.policyagent.v1.ServerMessage(\x01\x30\x01\x12\x46\n\x05\x46\x65tch\x12\x1c.policyagent.v1.FetchRequest\x1a\x1f.policyagent.v1.EffectivePolicy\x12\x46\n\x06Report\x12\x1c.policyagent.v1.AgentMessage\x1a\x1e.policyagent.v1.ReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEARTBEAT_COUNTERSENTRY']._loaded_options = None
   _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_options = b'8\001'
+  _globals['_STATISTICSSUMMARY_MAINMODEENTRY']._loaded_options = None
+  _globals['_STATISTICSSUMMARY_MAINMODEENTRY']._serialized_options = b'8\001'
+  _globals['_STATISTICSSUMMARY_QUICKMODEENTRY']._loaded_options = None
+  _globals['_STATISTICSSUMMARY_QUICKMODEENTRY']._serialized_options = b'8\001'
+  _globals['_AUDITRECORD_FIELDSENTRY']._loaded_options = None
+  _globals['_AUDITRECORD_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_CAPABILITIES']._serialized_start=83
   _globals['_CAPABILITIES']._serialized_end=230
   _globals['_HELLO']._serialized_start=233
@@ -43,23 +49,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NACK']._serialized_start=454
   _globals['_NACK']._serialized_end=508
   _globals['_HEARTBEAT']._serialized_start=511
-  _globals['_HEARTBEAT']._serialized_end=710
-  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_start=663
-  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_end=710
-  _globals['_AGENTMESSAGE']._serialized_start=713
-  _globals['_AGENTMESSAGE']._serialized_end=896
-  _globals['_RSOPSTEP']._serialized_start=899
-  _globals['_RSOPSTEP']._serialized_end=1053
-  _globals['_EFFECTIVEPOLICY']._serialized_start=1056
-  _globals['_EFFECTIVEPOLICY']._serialized_end=1362
-  _globals['_SERVERMESSAGE']._serialized_start=1364
-  _globals['_SERVERMESSAGE']._serialized_end=1485
-  _globals['_KEEPALIVE']._serialized_start=1487
-  _globals['_KEEPALIVE']._serialized_end=1527
-  _globals['_FETCHREQUEST']._serialized_start=1529
-  _globals['_FETCHREQUEST']._serialized_end=1566
-  _globals['_REPORTRESPONSE']._serialized_start=1568
-  _globals['_REPORTRESPONSE']._serialized_end=1584
-  _globals['_DISTRIBUTION']._serialized_start=1587
-  _globals['_DISTRIBUTION']._serialized_end=1820
+  _globals['_HEARTBEAT']._serialized_end=765
+  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_start=718
+  _globals['_HEARTBEAT_COUNTERSENTRY']._serialized_end=765
+  _globals['_STATISTICSSUMMARY']._serialized_start=768
+  _globals['_STATISTICSSUMMARY']._serialized_end=1130
+  _globals['_STATISTICSSUMMARY_MAINMODEENTRY']._serialized_start=1033
+  _globals['_STATISTICSSUMMARY_MAINMODEENTRY']._serialized_end=1080
+  _globals['_STATISTICSSUMMARY_QUICKMODEENTRY']._serialized_start=1082
+  _globals['_STATISTICSSUMMARY_QUICKMODEENTRY']._serialized_end=1130
+  _globals['_AUDITRECORD']._serialized_start=1133
+  _globals['_AUDITRECORD']._serialized_end=1301
+  _globals['_AUDITRECORD_FIELDSENTRY']._serialized_start=1256
+  _globals['_AUDITRECORD_FIELDSENTRY']._serialized_end=1301
+  _globals['_AUDITBATCH']._serialized_start=1303
+  _globals['_AUDITBATCH']._serialized_end=1360
+  _globals['_AGENTMESSAGE']._serialized_start=1363
+  _globals['_AGENTMESSAGE']._serialized_end=1597
+  _globals['_RSOPSTEP']._serialized_start=1600
+  _globals['_RSOPSTEP']._serialized_end=1754
+  _globals['_EFFECTIVEPOLICY']._serialized_start=1757
+  _globals['_EFFECTIVEPOLICY']._serialized_end=2063
+  _globals['_SERVERMESSAGE']._serialized_start=2065
+  _globals['_SERVERMESSAGE']._serialized_end=2186
+  _globals['_KEEPALIVE']._serialized_start=2188
+  _globals['_KEEPALIVE']._serialized_end=2228
+  _globals['_FETCHREQUEST']._serialized_start=2230
+  _globals['_FETCHREQUEST']._serialized_end=2267
+  _globals['_REPORTRESPONSE']._serialized_start=2269
+  _globals['_REPORTRESPONSE']._serialized_end=2285
+  _globals['_DISTRIBUTION']._serialized_start=2288
+  _globals['_DISTRIBUTION']._serialized_end=2521
 # @@protoc_insertion_point(module_scope)

@@ -179,13 +179,21 @@ class Heartbeat(_message.Message):
     RUNNING_ON_CACHE_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
     CACHE_SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
     applied_version: _builtins.str
     running_on_cache: _builtins.bool
     cache_since_unix_ms: _builtins.int
     """set when running_on_cache"""
     @_builtins.property
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """IP Security Monitor counters (enforcement issue)"""
+        """not filled (superseded by statistics); kept for wire compatibility"""
+
+    @_builtins.property
+    def statistics(self) -> Global___StatisticsSummary:
+        """The IP Security Monitor now (absent: the agent sent none). Every heartbeat on the
+        stream carries it, and the agent sends one right after its Hello; the server keeps
+        the latest per computer (Fleet.GetStatistics).
+        """
 
     def __init__(
         self,
@@ -194,14 +202,182 @@ class Heartbeat(_message.Message):
         running_on_cache: _builtins.bool = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         cache_since_unix_ms: _builtins.int = ...,
+        statistics: Global___StatisticsSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "cache_since_unix_ms", b"cache_since_unix_ms", "counters", b"counters", "running_on_cache", b"running_on_cache"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "cache_since_unix_ms", b"cache_since_unix_ms", "counters", b"counters", "running_on_cache", b"running_on_cache", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class StatisticsSummary(_message.Message):
+    """agent.proto's IpsecStatistics in brief: counters as key → value, without the display names."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MainModeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class QuickModeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MAIN_MODE_FIELD_NUMBER: _builtins.int
+    QUICK_MODE_FIELD_NUMBER: _builtins.int
+    IPSEC_ACTIVE_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
+    ENFORCER_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ipsec_active: _builtins.bool
+    """an enforcing backend holds a policy"""
+    policy_name: _builtins.str
+    """the policy in force ("" = none)"""
+    enforcer: _builtins.str
+    since_unix_ms: _builtins.int
+    """the counters start at zero when the agent (re)starts"""
+    time_unix_ms: _builtins.int
+    """when the agent read them"""
+    @_builtins.property
+    def main_mode(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """e.g. "authentication_failures" → 3"""
+
+    @_builtins.property
+    def quick_mode(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """e.g. "active_security_associations" → 2"""
+
+    def __init__(
+        self,
+        *,
+        main_mode: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        quick_mode: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        ipsec_active: _builtins.bool = ...,
+        policy_name: _builtins.str = ...,
+        enforcer: _builtins.str = ...,
+        since_unix_ms: _builtins.int = ...,
+        time_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcer", b"enforcer", "ipsec_active", b"ipsec_active", "main_mode", b"main_mode", "policy_name", b"policy_name", "quick_mode", b"quick_mode", "since_unix_ms", b"since_unix_ms", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatisticsSummary: _TypeAlias = StatisticsSummary  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """An audit event (541–547) as the agent recorded it: agent.proto's AuditEvent without the
+    computer (the certificate names it), field for field (the same numbers: wire-compatible).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    time_unix_ms: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time_unix_ms: _builtins.int = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "id", b"id", "message", b"message", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class AuditBatch(_message.Message):
+    """Audit events recorded since the agent's last batch, oldest first. The agent sends it with
+    Report (the answer confirms it; then the agent moves its cursor), the server also accepts
+    it on the stream. Resent events are harmless: the server drops duplicates.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditBatch: _TypeAlias = AuditBatch  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):
@@ -211,6 +387,7 @@ class AgentMessage(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     NACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    AUDIT_BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -219,6 +396,8 @@ class AgentMessage(_message.Message):
     def nack(self) -> Global___Nack: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def audit_batch(self) -> Global___AuditBatch: ...
     def __init__(
         self,
         *,
@@ -226,12 +405,13 @@ class AgentMessage(_message.Message):
         ack: Global___Ack | None = ...,
         nack: Global___Nack | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        audit_batch: Global___AuditBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "audit_batch", b"audit_batch", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "audit_batch", b"audit_batch", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ack", "nack", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ack", "nack", "heartbeat", "audit_batch"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

@@ -55,7 +55,7 @@ class DistributionServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Stream(self, request_iterator, context):
-        """Agent → Hello first, then Ack/Nack/Heartbeat; server → EffectivePolicy
+        """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
         whenever this computer's effective policy changes, and KeepAlive.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

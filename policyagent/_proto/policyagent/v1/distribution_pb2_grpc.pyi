@@ -36,7 +36,7 @@ class DistributionStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DistributionAsyncStub: ...
     Stream: _grpc.StreamStreamMultiCallable[_distribution_pb2.AgentMessage, _distribution_pb2.ServerMessage]
-    """Agent → Hello first, then Ack/Nack/Heartbeat; server → EffectivePolicy
+    """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
     whenever this computer's effective policy changes, and KeepAlive.
     """
     Fetch: _grpc.UnaryUnaryMultiCallable[_distribution_pb2.FetchRequest, _distribution_pb2.EffectivePolicy]
@@ -51,7 +51,7 @@ class DistributionStub:
 class DistributionAsyncStub(DistributionStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Stream: _aio.StreamStreamMultiCallable[_distribution_pb2.AgentMessage, _distribution_pb2.ServerMessage]  # type: ignore[assignment]
-    """Agent → Hello first, then Ack/Nack/Heartbeat; server → EffectivePolicy
+    """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
     whenever this computer's effective policy changes, and KeepAlive.
     """
     Fetch: _aio.UnaryUnaryMultiCallable[_distribution_pb2.FetchRequest, _distribution_pb2.EffectivePolicy]  # type: ignore[assignment]
@@ -69,7 +69,7 @@ class DistributionServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_distribution_pb2.AgentMessage],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_distribution_pb2.ServerMessage], _abc.AsyncIterator[_distribution_pb2.ServerMessage]]:
-        """Agent → Hello first, then Ack/Nack/Heartbeat; server → EffectivePolicy
+        """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
         whenever this computer's effective policy changes, and KeepAlive.
         """
 

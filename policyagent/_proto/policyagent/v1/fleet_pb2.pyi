@@ -12,6 +12,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from policyagent._proto.policyagent.v1 import agent_pb2 as _agent_pb2
 from policyagent._proto.policyagent.v1 import distribution_pb2 as _distribution_pb2
 import builtins as _builtins
 import sys
@@ -202,3 +203,171 @@ class FleetStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FleetStatus: _TypeAlias = FleetStatus  # noqa: Y015
+
+@_typing.final
+class FleetAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPUTERS_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_UNIX_MS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    since_unix_ms: _builtins.int
+    """events at or after (0 = the oldest kept)"""
+    until_unix_ms: _builtins.int
+    """events before (0 = no bound)"""
+    limit: _builtins.int
+    """0 = 1000; at most 100,000"""
+    @_builtins.property
+    def computers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty = every computer"""
+
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """empty = every id (541-547)"""
+
+    def __init__(
+        self,
+        *,
+        computers: _abc.Iterable[_builtins.str] | None = ...,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        since_unix_ms: _builtins.int = ...,
+        until_unix_ms: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computers", b"computers", "ids", b"ids", "limit", b"limit", "since_unix_ms", b"since_unix_ms", "until_unix_ms", b"until_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetAuditRequest: _TypeAlias = FleetAuditRequest  # noqa: Y015
+
+@_typing.final
+class FleetAuditEvents(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    server_time_unix_ms: _builtins.int
+    truncated: _builtins.bool
+    """more matched than `limit`: the older ones were left out"""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.AuditEvent]:
+        """oldest first, each with its computer"""
+
+    def __init__(
+        self,
+        *,
+        server_time_unix_ms: _builtins.int = ...,
+        events: _abc.Iterable[_agent_pb2.AuditEvent] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "server_time_unix_ms", b"server_time_unix_ms", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetAuditEvents: _TypeAlias = FleetAuditEvents  # noqa: Y015
+
+@_typing.final
+class FleetStatisticsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPUTERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def computers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty = every agent the server knows"""
+
+    def __init__(
+        self,
+        *,
+        computers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computers", b"computers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetStatisticsRequest: _TypeAlias = FleetStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class FleetComputerStatistics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPUTER_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    RECEIVED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    computer: _builtins.str
+    online: _builtins.bool
+    received_unix_ms: _builtins.int
+    """when the heartbeat carrying them arrived"""
+    @_builtins.property
+    def statistics(self) -> _agent_pb2.IpsecStatistics:
+        """counters in the IP Security Monitor's order, with display names"""
+
+    def __init__(
+        self,
+        *,
+        computer: _builtins.str = ...,
+        online: _builtins.bool = ...,
+        received_unix_ms: _builtins.int = ...,
+        statistics: _agent_pb2.IpsecStatistics | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computer", b"computer", "online", b"online", "received_unix_ms", b"received_unix_ms", "statistics", b"statistics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetComputerStatistics: _TypeAlias = FleetComputerStatistics  # noqa: Y015
+
+@_typing.final
+class FleetStatistics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    COMPUTERS_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    REPORTING_FIELD_NUMBER: _builtins.int
+    IPSEC_ACTIVE_FIELD_NUMBER: _builtins.int
+    NOT_REPORTING_FIELD_NUMBER: _builtins.int
+    server_time_unix_ms: _builtins.int
+    reporting: _builtins.int
+    """how many computers sent statistics"""
+    ipsec_active: _builtins.int
+    """of those, how many hold an enforced IPsec policy"""
+    @_builtins.property
+    def computers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FleetComputerStatistics]:
+        """those that sent statistics, sorted by name"""
+
+    @_builtins.property
+    def totals(self) -> _agent_pb2.IpsecStatistics:
+        """Every counter summed over `computers` (ipsec_active: any of them; policy_name, enforcer empty)."""
+
+    @_builtins.property
+    def not_reporting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """agents known (or asked for) without statistics yet"""
+
+    def __init__(
+        self,
+        *,
+        server_time_unix_ms: _builtins.int = ...,
+        computers: _abc.Iterable[Global___FleetComputerStatistics] | None = ...,
+        totals: _agent_pb2.IpsecStatistics | None = ...,
+        reporting: _builtins.int = ...,
+        ipsec_active: _builtins.int = ...,
+        not_reporting: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computers", b"computers", "ipsec_active", b"ipsec_active", "not_reporting", b"not_reporting", "reporting", b"reporting", "server_time_unix_ms", b"server_time_unix_ms", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetStatistics: _TypeAlias = FleetStatistics  # noqa: Y015

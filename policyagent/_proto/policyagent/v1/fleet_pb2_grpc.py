@@ -44,6 +44,16 @@ class FleetStub:
                 request_serializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatusRequest.SerializeToString,
                 response_deserializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatus.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/policyagent.v1.Fleet/ListAuditEvents',
+                request_serializer=policyagent_dot_v1_dot_fleet__pb2.FleetAuditRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_fleet__pb2.FleetAuditEvents.FromString,
+                _registered_method=True)
+        self.GetStatistics = channel.unary_unary(
+                '/policyagent.v1.Fleet/GetStatistics',
+                request_serializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatisticsRequest.SerializeToString,
+                response_deserializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatistics.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -63,6 +73,22 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Audit events 541-547 the agents forwarded (`policyagent audit`): of those matching, the
+        newest `limit`, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatistics(self, request, context):
+        """Each agent's IP Security Monitor as of its latest heartbeat, and the fleet's totals
+        (`policyagent fleet stats`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +101,16 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatusRequest.FromString,
                     response_serializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatus.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=policyagent_dot_v1_dot_fleet__pb2.FleetAuditRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_fleet__pb2.FleetAuditEvents.SerializeToString,
+            ),
+            'GetStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatistics,
+                    request_deserializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatisticsRequest.FromString,
+                    response_serializer=policyagent_dot_v1_dot_fleet__pb2.FleetStatistics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +167,60 @@ class Fleet:
             '/policyagent.v1.Fleet/Watch',
             policyagent_dot_v1_dot_fleet__pb2.FleetStatusRequest.SerializeToString,
             policyagent_dot_v1_dot_fleet__pb2.FleetStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.Fleet/ListAuditEvents',
+            policyagent_dot_v1_dot_fleet__pb2.FleetAuditRequest.SerializeToString,
+            policyagent_dot_v1_dot_fleet__pb2.FleetAuditEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/policyagent.v1.Fleet/GetStatistics',
+            policyagent_dot_v1_dot_fleet__pb2.FleetStatisticsRequest.SerializeToString,
+            policyagent_dot_v1_dot_fleet__pb2.FleetStatistics.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,14 @@ class FleetStub:
     """Every known agent (or those named) and the totals."""
     Watch: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FleetStatusRequest, _fleet_pb2.FleetStatus]
     """The status now, then again after every change (coalesced), until the caller cancels."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetAuditRequest, _fleet_pb2.FleetAuditEvents]
+    """Audit events 541-547 the agents forwarded (`policyagent audit`): of those matching, the
+    newest `limit`, oldest first.
+    """
+    GetStatistics: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetStatisticsRequest, _fleet_pb2.FleetStatistics]
+    """Each agent's IP Security Monitor as of its latest heartbeat, and the fleet's totals
+    (`policyagent fleet stats`).
+    """
 
 @_typing.type_check_only
 class FleetAsyncStub(FleetStub):
@@ -47,6 +55,14 @@ class FleetAsyncStub(FleetStub):
     """Every known agent (or those named) and the totals."""
     Watch: _aio.UnaryStreamMultiCallable[_fleet_pb2.FleetStatusRequest, _fleet_pb2.FleetStatus]  # type: ignore[assignment]
     """The status now, then again after every change (coalesced), until the caller cancels."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetAuditRequest, _fleet_pb2.FleetAuditEvents]  # type: ignore[assignment]
+    """Audit events 541-547 the agents forwarded (`policyagent audit`): of those matching, the
+    newest `limit`, oldest first.
+    """
+    GetStatistics: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetStatisticsRequest, _fleet_pb2.FleetStatistics]  # type: ignore[assignment]
+    """Each agent's IP Security Monitor as of its latest heartbeat, and the fleet's totals
+    (`policyagent fleet stats`).
+    """
 
 class FleetServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -64,5 +80,25 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_fleet_pb2.FleetStatus], _abc.AsyncIterator[_fleet_pb2.FleetStatus]]:
         """The status now, then again after every change (coalesced), until the caller cancels."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _fleet_pb2.FleetAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetAuditEvents, _abc.Awaitable[_fleet_pb2.FleetAuditEvents]]:
+        """Audit events 541-547 the agents forwarded (`policyagent audit`): of those matching, the
+        newest `limit`, oldest first.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatistics(
+        self,
+        request: _fleet_pb2.FleetStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetStatistics, _abc.Awaitable[_fleet_pb2.FleetStatistics]]:
+        """Each agent's IP Security Monitor as of its latest heartbeat, and the fleet's totals
+        (`policyagent fleet stats`).
+        """
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""`ipsecmon`: the IP Security Monitor of one computer, live in a terminal (clients.ipsecmon.main)."""
