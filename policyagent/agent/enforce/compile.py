@@ -34,6 +34,7 @@ from policyagent.agent.enforce.desired import (
     FilterEntry,
     Secret,
     Selector,
+    content_hash,
 )
 from policyagent.pb import dist_pb, pb
 
@@ -401,7 +402,10 @@ class _Compiler:
                 missing = "filter list" if fl is None else "filter action"
                 self.out.problem(f"{what}: its {missing} is missing from the effective policy")
                 continue
-            self.rule(p, index, rule, fl, fa, workgroup, what)
+            if rule.tunnel_endpoint:
+                self.rule(p, index, rule, fl, fa, workgroup, what)  # tunnel rules share a connection per gateway
+            else:
+                self.cached_rule(p, index, rule, fl, fa, workgroup, what)
         if p.default_response_rule.active:
             self.default_response(p, workgroup)
         self.check_secrets()
@@ -426,6 +430,54 @@ class _Compiler:
             problems=tuple(self.out.problems),
             notes=tuple(self.out.notes),
         )
+
+    def cached_rule(
+        self,
+        p: pb.Policy,
+        index: int,
+        rule: pb.Rule,
+        fl: pb.FilterList,
+        fa: pb.FilterAction,
+        workgroup: bool,
+        what: str,
+    ) -> None:
+        """rule(), remembered: a re-apply after a one-rule edit compiles only that rule again (and reuses
+        the other rules' Connection objects, digests included). The output is exactly rule()'s."""
+        key = (
+            index,
+            workgroup,
+            rule.SerializeToString(deterministic=True),
+            fl.SerializeToString(deterministic=True),
+            fa.SerializeToString(deterministic=True),
+        )
+        context = _context_key(self.inp, p)
+        cache = _RULE_CACHE.get(context)
+        if cache is None:
+            _RULE_CACHE.clear()  # one context (host, platform, policy settings) at a time
+            cache = _RULE_CACHE[context] = {}
+        hit = cache.get(key)
+        if hit is None:
+            sub = _Compiler(self.inp)
+            sub.rule(p, index, rule, fl, fa, workgroup, what)
+            hit = (
+                tuple(sub.entries),
+                tuple(sub.connections),
+                tuple(sub.secrets),
+                tuple(sub.out.problems),
+                tuple(sub.out._notes),
+                tuple(sub.out.tunnelled),
+            )
+            if len(cache) < _RULE_CACHE_MAX:
+                cache[key] = hit
+        entries, connections, secrets, problems, notes, tunnelled = hit
+        self.entries.extend(entries)
+        self.connections.extend(connections)
+        self.secrets.extend(secrets)
+        for text in problems:
+            self.out.problem(text)
+        for text in notes:
+            self.out.note(text)
+        self.out.tunnelled.extend(tunnelled)
 
     # -- filters -------------------------------------------------------------------------------
     def rule(
@@ -681,6 +733,28 @@ class _Compiler:
 def _tunnel_name(endpoint: str) -> str:
     """The connection of every tunnel rule to `endpoint` (a name VICI and nft comments accept)."""
     return "tunnel-" + "".join(ch if ch.isalnum() else "-" for ch in str(ipaddress.ip_address(endpoint)))
+
+
+_RULE_CACHE: dict[str, dict[tuple[object, ...], tuple[Any, ...]]] = {}
+_RULE_CACHE_MAX = 50_000
+
+
+def _context_key(inp: CompileInput, p: pb.Policy) -> str:
+    """Everything besides the rule itself that rule() reads."""
+    policy_part = pb.Policy(name=p.name, isakmp=p.isakmp).SerializeToString(deterministic=True)
+    return content_hash(
+        [
+            policy_part.hex(),
+            repr(inp.host),
+            repr(inp.platform),
+            repr(inp.server),
+            repr(inp.identity),
+            inp.kerberos,
+            inp.crl_check,
+            inp.exempt_level,
+            list(inp.kdcs),
+        ]
+    )
 
 
 def compile_policy(inp: CompileInput) -> Desired:
