@@ -18,6 +18,8 @@ from policyagent._proto.policyagent.v1 import fleet_pb2_grpc as fleet_grpc
 from policyagent._proto.policyagent.v1 import identity_pb2 as identity_pb
 from policyagent._proto.policyagent.v1 import identity_pb2_grpc as identity_grpc
 from policyagent._proto.policyagent.v1 import policy_pb2 as pb
+from policyagent._proto.policyagent.v1 import relay_pb2 as relay_pb
+from policyagent._proto.policyagent.v1 import relay_pb2_grpc as relay_grpc
 
 # Stores with thousands of policies exceed gRPC's 4 MB default in GetStore/export.
 GRPC_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -44,4 +46,6 @@ __all__ = [
     "identity_grpc",
     "identity_pb",
     "pb",
+    "relay_grpc",
+    "relay_pb",
 ]

@@ -258,10 +258,11 @@ def test_options() -> None:
 
 
 def test_dynamic_mode_is_refused_honestly(capsys: pytest.CaptureFixture[str]) -> None:
-    # Dynamic mode talks to one computer's agent on its unix socket: a policy server address is refused,
-    # for show and add alike, before anything is sent (tests/test_netsh_dynamic.py covers the commands).
+    # Dynamic mode talks to one computer's agent: on its unix socket, or through a policy server for a named
+    # computer. A policy server address without a computer is refused, for show and add alike, before anything
+    # is sent (tests/test_netsh_dynamic.py covers the commands, tests/test_relay.py the relay).
     for words in (["show", "all"], ["add", "mmpolicy", "name=x"]):
         assert main(["-r", "127.0.0.1:1", "ipsec", "dynamic", *words]) == 1
         err = capsys.readouterr().err
-        assert err.startswith("netsh: ipsec dynamic reads one computer's agent over its local socket, not a policy server")
-        assert "use -r unix:STATE_DIR/agent.sock" in err and err.count("\n") == 1
+        assert err.startswith("netsh: ipsec dynamic through the policy server 127.0.0.1:1 needs the computer")
+        assert "--computer NAME" in err and "-r unix:STATE_DIR/agent.sock" in err and err.count("\n") == 1

@@ -1,9 +1,12 @@
 """`ipsecmon`: the IP Security Monitor of one computer, live in a terminal.
 
     ipsecmon [--socket PATH | --state-dir DIR] [--interval 15] [--once] [--count N] [--json]
+    ipsecmon -r HOST:PORT --computer NAME [--cert-dir DIR] [...]     one computer, through the policy server
+    ipsecmon -r HOST:PORT [COMPUTER ...] [--cert-dir DIR] [...]      the fleet view
 
-Reads the computer's agent over its local socket (AgentLocal: GetStatus, GetStatistics,
-ListSecurityAssociations, ListAuditEvents) and shows, like Windows' IP Security Monitor
+Reads the computer's agent over its local socket, or with --computer through the policy server
+(AgentRelay: the server relays each call on the agent's stream; admin certificate) (AgentLocal:
+GetStatus, GetStatistics, ListSecurityAssociations, ListAuditEvents) and shows, like Windows' IP Security Monitor
 (windows-ipsec.md §4): the policy in force, the main mode and quick mode statistics side by
 side with the change since the last refresh, the current security associations and the last
 audit events. It refreshes every --interval seconds (15, Windows' default): on a terminal it
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from clients.netsh.dynamic import AgentClient, agent_socket, message_dict, when
+from clients.netsh.dynamic import AgentApi, AgentClient, RelayClient, agent_socket, message_dict, when
 from policyagent.agent.daemon import SOCKET_FILE
 from policyagent.model.errors import PolicyError
 from policyagent.pb import agent_pb
@@ -62,7 +65,7 @@ def _changes(now: Sequence[agent_pb.Counter], before: Sequence[agent_pb.Counter]
 class Monitor:
     """Polls one agent; remembers the previous statistics and the newest audit events."""
 
-    client: AgentClient
+    client: AgentApi
     previous: agent_pb.IpsecStatistics | None = None
     events: collections.deque[agent_pb.AuditEvent] = field(
         default_factory=lambda: collections.deque(maxlen=LAST_EVENTS)
@@ -242,6 +245,10 @@ def parser() -> argparse.ArgumentParser:
         "-r", "--server", metavar="HOST:PORT",
         help="the whole fleet: statistics the policy server aggregates from the agents' heartbeats (admin certificate)",
     )
+    p.add_argument(
+        "--computer", metavar="NAME",
+        help="with --server: this computer's IP Security Monitor, from its agent through the policy server",
+    )
     p.add_argument("--cert-dir", help="with --server: admin certificate directory (admin.crt, admin.key, ca.crt)")
     p.add_argument("--server-name", default="", help="with --server: TLS name of the server, if not HOST")
     p.add_argument("computers", nargs="*", help="with --server: only these computers")
@@ -307,9 +314,13 @@ def run_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    if args.server:
+    client: AgentApi
+    if args.server and args.computer:
+        client = RelayClient(args.server, args.computer, cert_dir=args.cert_dir, server_name=args.server_name)
+    elif args.server:
         return run_fleet(args, out, err)
-    client = AgentClient(socket_path(args))
+    else:
+        client = AgentClient(socket_path(args))
     monitor = Monitor(client)
     tty = out.isatty()
     count = 1 if args.once else args.count
@@ -350,7 +361,16 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ipsecmon` console script. Returns the exit code."""
-    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    p = parser()
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.computer is not None:
+        args.computer = args.computer.strip()
+        if not args.server:
+            p.error("--computer NAME goes through the policy server: add -r HOST:PORT")
+        if not args.computer:
+            p.error("--computer needs the computer's name")
+        if args.computers:
+            p.error("--computer NAME shows one computer; COMPUTER arguments are for the fleet view")
     return run(args, sys.stdout, sys.stderr)
 
 

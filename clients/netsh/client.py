@@ -54,7 +54,8 @@ def server_target(option: str | None) -> str:
     return f"{text}:{DEFAULT_PORT}"
 
 
-def _user() -> str:
+def user_name() -> str:
+    """Who runs netsh, for the server's change log and relay log."""
     try:
         return getpass.getuser()
     except (OSError, KeyError):  # no login name and no passwd entry (some containers)
@@ -78,7 +79,7 @@ class AdminClient:
         self._certificate = certificate
         self._channel: grpc.Channel | None = None
         self._stub_: admin_grpc.PolicyAdminStub | None = None
-        self._metadata = ((USER_METADATA_KEY, _user()),)
+        self._metadata = ((USER_METADATA_KEY, user_name()),)
 
     @property
     def _stub(self) -> admin_grpc.PolicyAdminStub:

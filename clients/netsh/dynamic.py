@@ -4,10 +4,15 @@
     netsh [-r unix:STATE_DIR/agent.sock] ipsec dynamic set config property=<name> value=<value>
     netsh [-r unix:STATE_DIR/agent.sock] ipsec dynamic add|set|delete mmpolicy|qmpolicy|rule ... | delete all
     netsh [-r unix:STATE_DIR/agent.sock] ipsec dynamic show mmpolicy|qmpolicy|rule ...
+    netsh -r SERVER:PORT --computer NAME ipsec dynamic <any of the above>
+    netsh -r SERVER:PORT ipsec dynamic <any of the above> computer=NAME
 
 Windows' dynamic mode configures the running SPD of one machine (windows-ipsec.md §3); here that is the
 agent's `AgentLocal` API on STATE_DIR/agent.sock (protos/policyagent/v1/agent.proto). Without -r, netsh asks
-this computer's agent: $POLICYAGENT_AGENT_SOCKET, else /var/lib/policyagent-agent/agent.sock. Commands,
+this computer's agent: $POLICYAGENT_AGENT_SOCKET, else /var/lib/policyagent-agent/agent.sock. With a computer
+named (--computer NAME, or computer=NAME at the end of a command), netsh asks that computer's agent through
+the policy server (-r, else $POLICYAGENT_SERVER, else 127.0.0.1:50051) with the admin certificate: the server
+relays the call on the agent's distribution stream (AgentRelay, relay.proto). Commands,
 tags and choices are case-insensitive and may be abbreviated (`sh st` = show stats, `add mmp` = add
 mmpolicy), as in static mode; parameters are parsed with the static mode's parser (clients.netsh.syntax)
 from the Command tables below, which reuse the static settings wherever the two modes share a parameter.
@@ -38,8 +43,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from clients.netsh import addresses, helptext
+from clients.netsh.client import USER_METADATA_KEY, server_target, user_name
 from clients.netsh.commands import CONNECTION_TYPES, auth_methods, build_filters
-from clients.netsh.errors import CommandError, ServerUnreachable, UsageError
+from clients.netsh.errors import (
+    CommandError,
+    NoAdminCertificate,
+    ServerRefusedCertificate,
+    ServerUnreachable,
+    UsageError,
+)
 from clients.netsh.newobjects import default_of, kerberos
 from clients.netsh.render import ACTION_DISPLAY, CONNECTION_DISPLAY, Renderer, table
 from clients.netsh.render import field as label_line
@@ -58,17 +70,28 @@ from policyagent.model.validate import (
     validate_qm_methods,
 )
 from policyagent.model.view import ContentsView
-from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, pb
+from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, pb, relay_grpc, relay_pb
+from policyagent.pki.tls import ClientCertificate, NoCertificate, find_admin_certificate, tls_options
 
 SOCKET_ENV = "POLICYAGENT_AGENT_SOCKET"
 DEFAULT_SOCKET = f"{DEFAULT_STATE_DIR}/{SOCKET_FILE}"
 CALL_TIMEOUT_SECONDS = 15.0
+# Through the server: it waits 30 s for the agent's answer, then says so (DEADLINE_EXCEEDED) itself.
+RELAY_TIMEOUT_SECONDS = 40.0
+# On a failed AgentRelay.Call: which side the status comes from, "server" or "agent" (policyagent/server/hub.py).
+RELAY_ORIGIN_KEY = "x-policyagent-relay"
 RULE = "-" * 72
 
 R = TypeVar("R", bound=Message)
 NamedPolicy = TypeVar("NamedPolicy", agent_pb.DynamicMmPolicy, agent_pb.DynamicQmPolicy)
 
 # ------------------------------------------------------------------ the agent's socket
+
+
+def is_socket(option: str) -> bool:
+    """-r names an agent's unix socket (unix:PATH, a path, NAME.sock), not a policy server."""
+    text = option.strip()
+    return text.startswith(("unix:", "/", "./", "../")) or text.endswith(".sock")
 
 
 def agent_socket(option: str | None) -> str:
@@ -83,13 +106,10 @@ def agent_socket(option: str | None) -> str:
         path = text[len("unix://") :]
     elif text.startswith("unix:"):
         path = text[len("unix:") :]
-    elif text.startswith(("/", "./", "../")) or text.endswith(".sock"):
+    elif is_socket(text):
         path = text
     else:
-        raise CommandError(
-            f"ipsec dynamic reads one computer's agent over its local socket, not a policy server ({text}): "
-            "use -r unix:STATE_DIR/agent.sock, or no -r for this computer's agent"
-        )
+        raise CommandError(no_computer(text))
     return os.path.abspath(path) if path else DEFAULT_SOCKET
 
 
@@ -98,10 +118,79 @@ def _where(path: str) -> str:
     return f"`policyagent agent --state-dir {state_dir}` serves it there while it runs"
 
 
+def no_computer(server: str) -> str:
+    return (
+        f"ipsec dynamic through the policy server {server} needs the computer whose agent to ask: "
+        f"netsh -r {server} --computer NAME ipsec dynamic ..., or computer=NAME at the end of the command "
+        "(for this computer's agent: -r unix:STATE_DIR/agent.sock, or no -r)"
+    )
+
+
 _NO_DYNAMIC = "does not serve dynamic-mode policy (GetDynamic/EditDynamic): it is older than this netsh"
 
 
-class AgentClient:
+class AgentApi:
+    """The agent's AgentLocal calls netsh and ipsecmon make, however they reach the agent.
+
+    Subclasses implement `_request`; failures become one-line PolicyErrors.
+    """
+
+    def _request(self, method: str, request: Message, response: type[R], unimplemented: str = "") -> R:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def status(self) -> agent_pb.LocalStatus:
+        return self._request("GetStatus", agent_pb.LocalStatusRequest(), agent_pb.LocalStatus)
+
+    def statistics(self) -> agent_pb.IpsecStatistics:
+        return self._request("GetStatistics", agent_pb.StatisticsRequest(), agent_pb.IpsecStatistics)
+
+    def security_associations(self) -> agent_pb.SecurityAssociations:
+        return self._request(
+            "ListSecurityAssociations", agent_pb.SecurityAssociationsRequest(), agent_pb.SecurityAssociations
+        )
+
+    def filters(self) -> agent_pb.Filters:
+        return self._request("ListFilters", agent_pb.FiltersRequest(), agent_pb.Filters)
+
+    def config(self) -> agent_pb.AgentConfigValues:
+        return self._request("GetConfig", agent_pb.ConfigRequest(), agent_pb.AgentConfigValues)
+
+    def set_config(self, name: str, value: str) -> agent_pb.AgentConfigValues:
+        return self._request(
+            "SetConfig", agent_pb.SetConfigRequest(name=name, value=value), agent_pb.AgentConfigValues
+        )
+
+    def dynamic_state(self) -> agent_pb.DynamicState:
+        return self._request("GetDynamic", agent_pb.DynamicRequest(), agent_pb.DynamicState, _NO_DYNAMIC)
+
+    def edit_dynamic(self, edit: agent_pb.DynamicEdit) -> agent_pb.DynamicState:
+        return self._request("EditDynamic", edit, agent_pb.DynamicState, _NO_DYNAMIC)
+
+    def audit_events(self, since_unix_ms: int = 0, limit: int = 0) -> agent_pb.AuditEvents:
+        request = agent_pb.AuditEventsRequest(since_unix_ms=since_unix_ms, limit=limit)
+        return self._request("ListAuditEvents", request, agent_pb.AuditEvents)
+
+
+def agent_status_error(
+    code: grpc.StatusCode | None, detail: str, who: str, unimplemented: str = ""
+) -> Exception | None:
+    """The one-line error for a status the agent itself answered with (None: not one of the agent's own)."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return CommandError(detail or "the agent refused the request as invalid")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        # The agent cannot do it on this host ("cannot be enforced here: ..."): nothing was changed.
+        return CommandError(detail or f"{who} cannot do this on its host")
+    if code == grpc.StatusCode.UNAVAILABLE and "cannot read" in detail:
+        return CommandError(f"{who}: {detail}")  # the agent answered: its backend could not
+    if code == grpc.StatusCode.UNIMPLEMENTED and unimplemented:
+        return CommandError(f"{who} {unimplemented}")
+    return None
+
+
+class AgentClient(AgentApi):
     """A synchronous AgentLocal client on a unix socket; failures become one-line PolicyErrors."""
 
     def __init__(self, path: str, timeout: float = CALL_TIMEOUT_SECONDS) -> None:
@@ -122,30 +211,20 @@ class AgentClient:
             self._channel.close()
             self._channel, self._stub_ = None, None
 
-    def _call(
-        self,
-        method: Callable[[agent_grpc.AgentLocalStub], Callable[..., R]],
-        request: Message,
-        unimplemented: str = "",
-    ) -> R:
+    def _request(self, method: str, request: Message, response: type[R], unimplemented: str = "") -> R:
         try:
-            return method(self._stub)(request, timeout=self._timeout)
+            answer: R = getattr(self._stub, method)(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            if unimplemented and isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise CommandError(f"the agent at {self.path} {unimplemented}") from None
-            raise self._translate(exc) from None
+            raise self._translate(exc, unimplemented) from None
+        return answer
 
-    def _translate(self, exc: grpc.RpcError) -> Exception:
+    def _translate(self, exc: grpc.RpcError, unimplemented: str = "") -> Exception:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         detail = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
         path = self.path
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return CommandError(detail or "the agent refused the request as invalid")
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            # The agent cannot do it on this host ("cannot be enforced here: ..."): nothing was changed.
-            return CommandError(detail or f"the agent at {path} cannot do this on its host")
-        if code == grpc.StatusCode.UNAVAILABLE and "cannot read" in detail:
-            return CommandError(f"the agent at {path}: {detail}")  # the agent answered: its backend could not
+        known = agent_status_error(code, detail, f"the agent at {path}", unimplemented)
+        if known is not None:
+            return known
         if code == grpc.StatusCode.UNAVAILABLE:
             if not os.path.exists(path):
                 return ServerUnreachable(
@@ -163,47 +242,140 @@ class AgentClient:
         name = code.name if code is not None else "UNKNOWN"
         return CommandError(f"the agent at {path} failed: {name}: {detail}".rstrip(": "))
 
-    def status(self) -> agent_pb.LocalStatus:
-        return self._call(lambda s: s.GetStatus, agent_pb.LocalStatusRequest())
 
-    def statistics(self) -> agent_pb.IpsecStatistics:
-        return self._call(lambda s: s.GetStatistics, agent_pb.StatisticsRequest())
+class RelayClient(AgentApi):
+    """AgentLocal calls to one computer's agent through the policy server (AgentRelay.Call), with the admin
+    certificate netsh uses for static mode (clients.netsh.client); failures become one-line PolicyErrors."""
 
-    def security_associations(self) -> agent_pb.SecurityAssociations:
-        return self._call(lambda s: s.ListSecurityAssociations, agent_pb.SecurityAssociationsRequest())
+    def __init__(
+        self,
+        target: str,
+        computer: str,
+        *,
+        cert_dir: str | None = None,
+        certificate: ClientCertificate | None = None,
+        server_name: str = "",
+        timeout: float = RELAY_TIMEOUT_SECONDS,
+    ) -> None:
+        self.target = target
+        self.computer = computer
+        self._cert_dir = cert_dir
+        self._certificate = certificate
+        self._server_name = server_name
+        self._timeout = timeout
+        self._channel: grpc.Channel | None = None
+        self._stub_: relay_grpc.AgentRelayStub | None = None
+        self._metadata = ((USER_METADATA_KEY, user_name()),)
 
-    def filters(self) -> agent_pb.Filters:
-        return self._call(lambda s: s.ListFilters, agent_pb.FiltersRequest())
+    @property
+    def _stub(self) -> relay_grpc.AgentRelayStub:
+        if self._stub_ is None:
+            if self._certificate is None:
+                try:
+                    self._certificate = find_admin_certificate(self._cert_dir)
+                except NoCertificate as exc:
+                    raise NoAdminCertificate(str(exc)) from None
+            options: list[tuple[str, str | int]] = [*GRPC_MESSAGE_OPTIONS, *tls_options(self.target)]
+            if self._server_name:
+                options.append(("grpc.ssl_target_name_override", self._server_name))
+            self._channel = grpc.secure_channel(self.target, self._certificate.channel_credentials(), options=options)
+            self._stub_ = relay_grpc.AgentRelayStub(self._channel)
+        return self._stub_
 
-    def config(self) -> agent_pb.AgentConfigValues:
-        return self._call(lambda s: s.GetConfig, agent_pb.ConfigRequest())
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel, self._stub_ = None, None
 
-    def set_config(self, name: str, value: str) -> agent_pb.AgentConfigValues:
-        return self._call(lambda s: s.SetConfig, agent_pb.SetConfigRequest(name=name, value=value))
+    def _request(self, method: str, request: Message, response: type[R], unimplemented: str = "") -> R:
+        relayed = relay_pb.RelayRequest(computer=self.computer, method=method, request=request.SerializeToString())
+        try:
+            answer = self._stub.Call(relayed, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, unimplemented) from None
+        return response.FromString(answer.response)
 
-    def dynamic_state(self) -> agent_pb.DynamicState:
-        return self._call(lambda s: s.GetDynamic, agent_pb.DynamicRequest(), _NO_DYNAMIC)
+    def _translate(self, exc: grpc.RpcError, unimplemented: str = "") -> Exception:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        detail = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+        trailing: Sequence[tuple[str, str | bytes]] = (
+            exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+        ) or ()
+        origin = next((str(value) for key, value in trailing if key == RELAY_ORIGIN_KEY), "")
+        who = f"the agent of {self.computer}"
+        if origin == "agent":
+            known = agent_status_error(code, detail, who, unimplemented)
+            if known is not None:
+                return known
+            name = code.name if code is not None else "UNKNOWN"
+            return CommandError(f"{who} failed: {name}: {detail}".rstrip(": "))
+        if origin == "server":  # the server could not relay it: unknown computer, agent offline, no answer
+            return CommandError(detail or f"the policy server at {self.target} could not ask {who}")
+        source = self._certificate.source if self._certificate is not None else "?"
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return ServerRefusedCertificate(
+                f"the policy server at {self.target} refused the admin certificate in {source}: {detail}"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ServerUnreachable(
+                f"cannot reach the policy server at {self.target} ({detail}) to ask {who}; start it, or point "
+                "netsh at yours with -r HOST:PORT"
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServerUnreachable(
+                f"the policy server at {self.target} did not answer within {self._timeout:g} seconds"
+            )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return ServerUnreachable(
+                f"{self.target} does not relay calls to agents (AgentRelay): it is not a policy server, or an "
+                "older one"
+            )
+        name = code.name if code is not None else "UNKNOWN"
+        return CommandError(f"asking {who} through {self.target} failed: {name}: {detail}".rstrip(": "))
 
-    def edit_dynamic(self, edit: agent_pb.DynamicEdit) -> agent_pb.DynamicState:
-        return self._call(lambda s: s.EditDynamic, edit, _NO_DYNAMIC)
 
-    def audit_events(self, since_unix_ms: int = 0, limit: int = 0) -> agent_pb.AuditEvents:
-        return self._call(
-            lambda s: s.ListAuditEvents, agent_pb.AuditEventsRequest(since_unix_ms=since_unix_ms, limit=limit)
-        )
+def split_computer(tokens: Sequence[str]) -> tuple[list[str], str]:
+    """A dynamic command's tokens without a `computer=NAME` tag, and that NAME ("" if none)."""
+    rest: list[str] = []
+    computer = ""
+    for token in tokens:
+        tag, eq, value = token.partition("=")
+        if eq and tag.strip().lower() == "computer":
+            if computer:
+                raise UsageError("computer= is given more than once")
+            computer = value.strip()
+            if not computer:
+                raise UsageError("computer= needs the computer's name")
+            continue
+        rest.append(token)
+    return rest, computer
 
 
 @dataclass
 class DynamicContext:
-    """What a dynamic command runs with: the -r option (resolved when first needed), output options."""
+    """What a dynamic command runs with: the -r option and the computer (resolved when first needed), output
+    options. With a computer (--computer, or `computer=NAME` on the line), calls go through the policy server."""
 
     option: str | None = None
     json: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    computer: str = ""  # --computer NAME
+    cert_dir: str | None = None  # the admin certificate directory, for the policy server
+    line_computer: str = ""  # computer=NAME on the command line being run
     _client: AgentClient | None = None
+    _relays: dict[str, RelayClient] = field(default_factory=dict)
 
     @property
-    def client(self) -> AgentClient:
+    def client(self) -> AgentApi:
+        computer = self.line_computer or self.computer
+        if computer:
+            key = computer.lower()
+            relay = self._relays.get(key)
+            if relay is None:
+                relay = self._relays[key] = RelayClient(server_target(self.option), computer, cert_dir=self.cert_dir)
+            return relay
+        if self.option is not None and self.option.strip() and not is_socket(self.option):
+            raise CommandError(no_computer(server_target(self.option)))
         if self._client is None:
             self._client = AgentClient(agent_socket(self.option))
         return self._client
@@ -211,6 +383,8 @@ class DynamicContext:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        for relay in self._relays.values():
+            relay.close()
 
     def say(self, text: str) -> None:
         self.out.write(text if text.endswith("\n") else text + "\n")
@@ -478,6 +652,8 @@ def context_help() -> str:
         "",
         "netsh asks the agent on -r unix:STATE_DIR/agent.sock, else $POLICYAGENT_AGENT_SOCKET, else "
         f"{DEFAULT_SOCKET}.",
+        "Another computer's agent, through the policy server (admin certificate): netsh -r SERVER:PORT "
+        "--computer NAME ipsec dynamic ..., or computer=NAME at the end of a command.",
         "add, set and delete change the agent's dynamic-mode policy: enforced at once together with the "
         "assigned policy, kept in the agent's memory until it stops.",
         "Commands and tags may be shortened to any unique prefix (sh st = show stats, add mmp = add mmpolicy).",
@@ -522,7 +698,12 @@ def execute(ctx: DynamicContext, tokens: Sequence[str]) -> None:
         return
     if target in NOT_YET:
         raise not_available(target)
-    HANDLERS[target.words](ctx, parse_args(target, params))
+    params, computer = split_computer(params)
+    ctx.line_computer = computer
+    try:
+        HANDLERS[target.words](ctx, parse_args(target, params))
+    finally:
+        ctx.line_computer = ""
 
 
 # ------------------------------------------------------------------ values and matching
@@ -1606,14 +1787,17 @@ __all__ = [
     "DYNAMIC_COMMANDS",
     "IPSEC_HELP",
     "SOCKET_ENV",
+    "AgentApi",
     "AgentClient",
     "DynamicContext",
+    "RelayClient",
     "agent_socket",
     "dynamic_text",
     "execute",
     "identity",
     "message_dict",
     "rule_identities",
+    "split_computer",
     "stats_text",
     "when",
 ]

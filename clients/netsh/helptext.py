@@ -13,12 +13,16 @@ ROOT_HELP = """\
 Usage: netsh [-r HOST:PORT | -r unix:PATH] [--cert-dir DIR] [-f SCRIPT] [--debug] [--json]
              [ipsec static <command> ...]
        netsh [-r unix:STATE_DIR/agent.sock] [--json] ipsec dynamic <command> ...
+       netsh [-r HOST:PORT] [--cert-dir DIR] --computer NAME [--json] ipsec dynamic <command> ...
 
 Options:
   -r SERVER   static: the policy server (default: $POLICYAGENT_SERVER, else 127.0.0.1:50051), or
               unix:PATH for an agent's local store. dynamic: the agent's socket, unix:STATE_DIR/agent.sock
-              (default: $POLICYAGENT_AGENT_SOCKET, else /var/lib/policyagent-agent/agent.sock).
-  --cert-dir  static: the directory of the admin certificate netsh presents to the policy server.
+              (default: $POLICYAGENT_AGENT_SOCKET, else /var/lib/policyagent-agent/agent.sock); with
+              --computer, the policy server that relays to that computer's agent.
+  --cert-dir  The directory of the admin certificate netsh presents to the policy server.
+  --computer  dynamic: ask this computer's agent through the policy server (admin certificate); also
+              computer=NAME at the end of a dynamic command.
   -f SCRIPT   Run the commands in SCRIPT, one per line (# starts a comment); stop at the first error.
   --json      show commands print the objects as JSON (pre-shared keys masked).
   --debug     Show the traceback of an error.

@@ -2,12 +2,14 @@
 
     netsh [-r HOST:PORT | -r unix:PATH] [--cert-dir DIR] [-f SCRIPT] [--debug] [--json] [ipsec static <command> ...]
     netsh [-r unix:STATE_DIR/agent.sock] [--json] ipsec dynamic <command> ...
+    netsh [-r HOST:PORT] [--cert-dir DIR] --computer NAME [--json] ipsec dynamic <command> ...
 
 A line (from the command line, a script or standard input) is interpreted in a
 context, as Windows netsh does: at the root it must start with `ipsec static` or
 `ipsec dynamic`; after `pushd ipsec static` (or typing `ipsec static` interactively)
 it is a static command. Dynamic commands go to one computer's agent
-(clients.netsh.dynamic). Errors print one line on stderr and give exit code 1 (the
+(clients.netsh.dynamic): on its local socket, or with --computer NAME (or computer=NAME at the end of
+the command) through the policy server. Errors print one line on stderr and give exit code 1 (the
 command failed) or 2 (the command line is malformed); --debug adds the traceback.
 """
 
@@ -38,6 +40,7 @@ class Options:
     server: str | None = None
     cert_dir: str | None = None
     script: str | None = None
+    computer: str = ""
     debug: bool = False
     json: bool = False
     words: list[str] = field(default_factory=list)
@@ -50,7 +53,7 @@ def parse_options(argv: Sequence[str]) -> Options:
     while args and args[0].startswith("-") and args[0].lower() not in HELP_TOKENS:
         arg = args.pop(0)
         name, eq, inline = arg.partition("=")
-        if name in ("-r", "--remote", "-f", "--file", "--cert-dir"):
+        if name in ("-r", "--remote", "-f", "--file", "--cert-dir", "--computer"):
             if eq:
                 value = inline
             elif args:
@@ -61,6 +64,10 @@ def parse_options(argv: Sequence[str]) -> Options:
                 opts.server = value
             elif name == "--cert-dir":
                 opts.cert_dir = value
+            elif name == "--computer":
+                opts.computer = value.strip()
+                if not opts.computer:
+                    raise UsageError("--computer needs the computer's name")
             else:
                 opts.script = value
         elif arg == "--debug":
@@ -70,7 +77,10 @@ def parse_options(argv: Sequence[str]) -> Options:
         elif arg == "--":
             break
         else:
-            raise UsageError(f'unknown option "{arg}"; options: -r SERVER, --cert-dir DIR, -f SCRIPT, --debug, --json')
+            raise UsageError(
+                f'unknown option "{arg}"; options: -r SERVER, --cert-dir DIR, --computer NAME, -f SCRIPT, --debug, '
+                "--json"
+            )
     opts.words = args
     return opts
 
@@ -145,6 +155,11 @@ class Shell:
             return context
         if not rest:
             return context
+        if self.dynamic.computer:
+            raise UsageError(
+                "--computer names the agent for ipsec dynamic; ipsec static edits the policy server's store "
+                "(-r HOST:PORT)"
+            )
         target, params = resolve_command(rest)
         if isinstance(target, HelpRequest):
             self.out.write(_help(target))
@@ -231,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _report(exc, err, "netsh: ", debug)
     client = AdminClient(server_target(opts.server), cert_dir=opts.cert_dir)
-    agent = dynamic.DynamicContext(opts.server, json=opts.json, out=out)
+    agent = dynamic.DynamicContext(
+        opts.server, json=opts.json, out=out, computer=opts.computer, cert_dir=opts.cert_dir
+    )
     shell = Shell(Context(client, json=opts.json, out=out), out, debug=opts.debug, dynamic_ctx=agent)
     try:
         if opts.script is not None:

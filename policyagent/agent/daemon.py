@@ -20,6 +20,10 @@ Local admin API, `STATE_DIR/agent.sock` (0600): `AgentLocal` (status, the effect
 policy) and `PolicyAdmin` on the local static store, so `netsh -r unix:STATE_DIR/agent.sock`
 edits the local store; `STATE_DIR/persistent.sock` serves `PolicyAdmin` on the
 persistent store.
+
+Relayed calls (policyagent/agent/relay.py): an admin's AgentLocal call that the server passes on
+the stream (`RelayCall`) is taken by the stream reader before the session (which only hears that the
+server is alive) and answered with a `RelayResult` from the same `AgentLocalServicer` the socket serves.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from policyagent.agent.cache import PolicyCache
 from policyagent.agent.combine import combine, has_policy
 from policyagent.agent.enforce import EnforceError, Enforcer, HostFacts
 from policyagent.agent.forward import DEFAULT_BATCH, DEFAULT_INTERVAL_S, AuditCursor, summary
+from policyagent.agent.relay import RELAY_FEATURE
+from policyagent.agent.relay import dispatch as dispatch_relay
 from policyagent.model.defaults import restore_defaults_plan
 from policyagent.model.writes import Mutation, PlanFn
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, dist_grpc, dist_pb, pb
@@ -67,6 +73,8 @@ def _agent_version() -> str:
 
 AGENT_VERSION = _agent_version()
 _EOF: Any = getattr(aio, "EOF")  # noqa: B009  (not in the type stubs)
+# What the session hears when the server relays a call: a message from the server, like a keepalive.
+_ALIVE = dist_pb.ServerMessage(keepalive=dist_pb.KeepAlive())
 
 SOCKET_FILE = "agent.sock"
 PERSISTENT_SOCKET_FILE = "persistent.sock"
@@ -231,6 +239,8 @@ class AgentDaemon:
         from policyagent.agent.enforce.dynamic import DynamicStore
 
         self.dynamic = DynamicStore()  # dynamic-mode policy: in memory, gone when the agent stops
+        # The local API: served on STATE_DIR/agent.sock, and called in process for relayed calls.
+        self.local_api = AgentLocalServicer(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -378,6 +388,8 @@ class AgentDaemon:
         if kind == "heartbeat":
             self._spawn(self._send_heartbeat(message, outbox))  # statistics ride on heartbeats
             return
+        if kind == "hello" and RELAY_FEATURE not in message.hello.protocol_features:
+            message.hello.protocol_features.append(RELAY_FEATURE)  # this agent answers RelayCall
         outbox.put_nowait(message)
         if kind == "hello":
             self._forward_wake.set()  # the audit events recorded while the stream was down, at once
@@ -492,6 +504,12 @@ class AgentDaemon:
                 message = await call.read()
                 if message is _EOF:
                     break
+                if message.WhichOneof("msg") == "relay":
+                    # Not the session's business (policy versions), except that the server is alive.
+                    self._spawn(self._relay(message.relay, self._outbox))
+                    if self._call is call and self.session.state in s.CONNECTED:
+                        self.post(s.Received(_ALIVE))
+                    continue
                 self.post(s.Received(message))
         except grpc.RpcError as exc:
             reason = _rpc_reason(exc)
@@ -502,6 +520,14 @@ class AgentDaemon:
             self._call = None
             self._outbox = None
             self.post(s.StreamClosed(reason))
+
+    async def _relay(
+        self, call: dist_pb.RelayCall, outbox: asyncio.Queue[dist_pb.AgentMessage | None] | None
+    ) -> None:
+        """Answer a relayed AgentLocal call on the stream it came on (dropped if that stream is gone)."""
+        result = await dispatch_relay(self.local_api, call)
+        if outbox is not None and self._outbox is outbox:
+            outbox.put_nowait(dist_pb.AgentMessage(relay_result=result))
 
     async def _close_stream(self) -> None:
         call, self._call = self._call, None
@@ -722,7 +748,7 @@ class AgentDaemon:
         assert local is not None and persistent is not None
 
         def register_local(server: aio.Server) -> None:
-            agent_grpc.add_AgentLocalServicer_to_server(AgentLocalServicer(self), server)
+            agent_grpc.add_AgentLocalServicer_to_server(self.local_api, server)
             add_admin_to_server(PolicyAdminServicer(local, self._store_executor), server)
 
         def register_persistent(server: aio.Server) -> None:

@@ -47,6 +47,7 @@ from policyagent.server.admin import SERVICE_NAME, PolicyAdminServicer, add_to_s
 from policyagent.server.assignment import SERVICE_NAME as ASSIGNMENT_SERVICE
 from policyagent.server.assignment import AssignmentParts, add_assignment_to_server, open_assignment
 from policyagent.server.hub import (
+    AGENT_RELAY_SERVICE,
     DISTRIBUTION_SERVICE,
     FLEET_SERVICE,
     SERVER_CONNECTION_OPTIONS,
@@ -363,7 +364,8 @@ class PolicyServer:
             add_identity_to_server(
                 IdentityAdminServicer(pki.identity, self._executor, self.reload_revocations), server
             )
-            # Distribution (agents' streams) and Fleet (admin status): policyagent/server/hub.py.
+            # Distribution (agents' streams), Fleet (admin status) and AgentRelay (admins' calls to one
+            # agent's local API, over its stream): policyagent/server/hub.py.
             self.hub = attach_distribution(
                 server, effective=self.assignment.effective, data_dir=data_dir, revocations=pki.revocations
             )
@@ -381,6 +383,7 @@ class PolicyServer:
                     ENROLLMENT_SERVICE,
                     DISTRIBUTION_SERVICE,
                     FLEET_SERVICE,
+                    AGENT_RELAY_SERVICE,
                     health.SERVICE_NAME,
                     reflection.SERVICE_NAME,
                 ],

@@ -28,6 +28,12 @@ The record keeps the agent's latest statistics (its heartbeats carry a summary o
 Security Monitor: Fleet.GetStatistics); the audit events agents forward (`AuditBatch`, over
 Report or the stream) go to an `AuditStore` (policyagent/server/audit.py, `audit.sqlite3`
 next to the fleet file), written behind with the records (Fleet.ListAuditEvents).
+
+Relay (AgentRelay.Call, relay.proto): an admin's call to one agent's local API goes on that agent's
+stream as a `RelayCall` (queued like any push: the fan-out never waits for it) and the caller awaits
+the `RelayResult` with the same id (a per-stream dict of futures; a closing stream fails its pending
+calls with UNAVAILABLE; no answer within 30 s is DEADLINE_EXCEEDED). Only the AgentLocal methods of
+`policyagent.agent.relay.RELAY_METHODS` are relayed, only to agents whose Hello says they take them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import itertools
 import logging
 import secrets
 import time
@@ -47,8 +54,9 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from grpc import aio
 
+from policyagent.agent.relay import RELAY_FEATURE, RELAY_METHODS, not_relayed
 from policyagent.model.errors import NotFoundError
-from policyagent.pb import dist_grpc, dist_pb, fleet_grpc, fleet_pb
+from policyagent.pb import dist_grpc, dist_pb, fleet_grpc, fleet_pb, relay_grpc, relay_pb
 from policyagent.server.audit import AUDIT_FILE, AuditStore
 from policyagent.server.fleet import (
     FLEET_FILE,
@@ -84,6 +92,10 @@ SERVER_CONNECTION_OPTIONS: list[tuple[str, Any]] = [("grpc.tsi.max_frame_size", 
 # collections and ~0.8 s of the loop's CPU per 10,000-agent push. Garbage is still freed by reference
 # counting at once; only cycles wait for the (rarer) collection.
 GC_GEN0_THRESHOLD = 50_000
+# How long AgentRelay.Call waits for the agent's answer.
+RELAY_TIMEOUT_S = 30.0
+# Trailing metadata on a failed AgentRelay.Call: which side the status comes from ("server" | "agent").
+RELAY_ORIGIN_KEY = "x-policyagent-relay"
 
 
 class EffectiveSource(Protocol):
@@ -110,6 +122,24 @@ class Caller:
     serial: int = 0
 
 
+class RelayError(Exception):
+    """A relayed call failed: the gRPC status to answer with, and whether the server or the agent said so."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, origin: str = "server") -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.origin = origin
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode with this number (UNKNOWN for a number gRPC does not define)."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 # identify(context) → Caller, aborting the call (UNAUTHENTICATED / PERMISSION_DENIED) if it is not an agent.
 Identify = Callable[[aio.ServicerContext[Any, Any]], Awaitable[Caller]]
 # authorize_admin(context): aborts the call unless the caller holds an admin certificate.
@@ -118,6 +148,10 @@ AuthorizeAdmin = Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 def new_nonce() -> str:
@@ -163,6 +197,9 @@ class _Connection:
     close_code: grpc.StatusCode | None = None
     close_reason: str = ""
     closed: bool = False
+    relay: bool = False  # the agent's Hello says it answers RelayCall
+    # Relayed calls waiting for the agent's RelayResult: id → future (the result, or why it failed).
+    pending: dict[int, asyncio.Future[dist_pb.RelayResult | RelayError]] = field(default_factory=dict)
 
     def send(self, message: bytes) -> None:
         self.outgoing.append(message)
@@ -206,6 +243,8 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: Any = None
+        self.relay_timeout_s = RELAY_TIMEOUT_S
+        self._relay_ids = itertools.count(1)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -373,6 +412,7 @@ class Hub:
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            self._fail_pending(conn)
             if self._conns.get(caller.name) is conn:
                 del self._conns[caller.name]
                 record = self.registry.get(caller.name)
@@ -395,6 +435,9 @@ class Hub:
                         conn.close("the first message on the stream must be a Hello", grpc.StatusCode.INVALID_ARGUMENT)
                         return
                     await self._on_hello(conn, message.hello)
+                    continue
+                if kind == "relay_result":
+                    self._relay_answered(conn, message.relay_result)
                     continue
                 self.record_message(conn.computer, message, conn)
             conn.close("agent closed the stream")
@@ -423,6 +466,7 @@ class Hub:
             return
         if conn.closed:
             return
+        conn.relay = RELAY_FEATURE in hello.protocol_features
         conn.ready = True
         self._push(conn, encoded, generation, confirm=encoded[0] == hello.applied_version)
         _log.info(
@@ -494,6 +538,85 @@ class Hub:
         if not known:
             _log.info("answer to an unknown nonce ignored", extra={"computer": computer})
         return known
+
+    # ---------------------------------------------------------------- relayed calls
+
+    async def relay(self, computer: str, method: str, request: bytes, *, admin: str = "") -> bytes:
+        """Call AgentLocal `method` on `computer`'s agent over its stream; its serialized response.
+
+        RelayError: NOT_FOUND (no such computer), UNAVAILABLE (not connected, or disconnected before it
+        answered), FAILED_PRECONDITION (the agent does not take relayed calls), DEADLINE_EXCEEDED, or the
+        agent's own status (origin "agent").
+        """
+        name = computer.strip().lower()
+        conn = self._conns.get(name)
+        if conn is None or not conn.ready or conn.closed:
+            if not self._registered(name):
+                raise RelayError(grpc.StatusCode.NOT_FOUND, f"no computer {name!r} is known to the policy server")
+            record = self.registry.records.get(name)
+            seen = f" (last seen {_iso(record.last_seen_unix_ms)})" if record and record.last_seen_unix_ms else ""
+            raise RelayError(
+                grpc.StatusCode.UNAVAILABLE, f"the agent of {name!r} is not connected to the policy server{seen}"
+            )
+        if not conn.relay:
+            version = self.registry.get(name).agent_version or "unknown"
+            raise RelayError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the agent of {name!r} (version {version}) does not take relayed calls: it is older than the "
+                "policy server; upgrade it",
+            )
+        call_id = next(self._relay_ids)
+        future: asyncio.Future[dist_pb.RelayResult | RelayError] = asyncio.get_running_loop().create_future()
+        conn.pending[call_id] = future
+        conn.send(
+            dist_pb.ServerMessage(
+                relay=dist_pb.RelayCall(id=call_id, method=method, request=request, admin=admin)
+            ).SerializeToString()
+        )
+        try:
+            async with asyncio.timeout(self.relay_timeout_s):
+                outcome = await future
+        except TimeoutError:
+            raise RelayError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the agent of {name!r} did not answer {method} within {self.relay_timeout_s:g} s",
+            ) from None
+        finally:
+            conn.pending.pop(call_id, None)
+        if isinstance(outcome, RelayError):
+            raise outcome
+        if outcome.code:
+            raise RelayError(status_code(outcome.code), outcome.details, origin="agent")
+        return outcome.response
+
+    def _registered(self, name: str) -> bool:
+        """A computer the server knows: it has a fleet record, or an effective policy (the registry)."""
+        if name in self.registry.records:
+            return True
+        try:
+            self._effective.version_of(name)  # in memory: cheap enough for the loop
+        except Exception:
+            return False
+        return True
+
+    @staticmethod
+    def _relay_answered(conn: _Connection, result: dist_pb.RelayResult) -> None:
+        future = conn.pending.get(result.id)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    @staticmethod
+    def _fail_pending(conn: _Connection) -> None:
+        reason = conn.close_reason or "the stream ended"
+        for future in conn.pending.values():
+            if not future.done():
+                future.set_result(
+                    RelayError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the agent of {conn.computer!r} disconnected before it answered ({reason})",
+                    )
+                )
+        conn.pending.clear()
 
     # ---------------------------------------------------------------- unary calls
 
@@ -701,6 +824,53 @@ class FleetServicer(fleet_grpc.FleetServicer):
         return self._hub.statistics(request.computers)
 
 
+class RelayServicer(relay_grpc.AgentRelayServicer):
+    """Admin only: one agent's local API through its stream (relay.proto). Logs who called what, never
+    the payload (EditDynamic may carry a pre-shared key)."""
+
+    def __init__(self, hub: Hub, authorize_admin: AuthorizeAdmin) -> None:
+        self._hub = hub
+        self._authorize = authorize_admin
+
+    async def Call(
+        self, request: relay_pb.RelayRequest, context: aio.ServicerContext[Any, Any]
+    ) -> relay_pb.RelayResponse:
+        from policyagent.pki.authz import peer_of
+
+        await self._authorize(context)
+        peer = peer_of(context)
+        admin = peer.name if peer is not None else ""
+        computer = request.computer.strip().lower()
+        method = request.method[:100]
+        outcome = "OK"
+        started = time.monotonic()
+        try:
+            if request.method not in RELAY_METHODS:
+                raise RelayError(grpc.StatusCode.PERMISSION_DENIED, not_relayed(method))
+            if not computer:
+                raise RelayError(grpc.StatusCode.INVALID_ARGUMENT, "name the computer whose agent to call")
+            response = await self._hub.relay(computer, request.method, request.request, admin=admin)
+        except RelayError as exc:
+            outcome = exc.code.name if exc.origin == "server" else f"agent: {exc.code.name}"
+            await context.abort(exc.code, exc.details, trailing_metadata=((RELAY_ORIGIN_KEY, exc.origin),))
+            raise AssertionError("unreachable") from None
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        finally:
+            _log.info(
+                "relayed call",
+                extra={
+                    "admin": admin,
+                    "computer": computer,
+                    "method": method,
+                    "outcome": outcome,
+                    "ms": round((time.monotonic() - started) * 1000),
+                },
+            )
+        return relay_pb.RelayResponse(response=response)
+
+
 def _add_distribution(servicer: DistributionServicer, server: aio.Server) -> None:
     """dist_grpc.add_DistributionServicer_to_server, with Stream's responses allowed to be pre-serialized bytes."""
     handlers = {
@@ -727,6 +897,7 @@ def _add_distribution(servicer: DistributionServicer, server: aio.Server) -> Non
 def add_to_server(hub: Hub, server: aio.Server, identify: Identify, authorize_admin: AuthorizeAdmin) -> None:
     _add_distribution(DistributionServicer(hub, identify), server)
     fleet_grpc.add_FleetServicer_to_server(FleetServicer(hub, authorize_admin), server)
+    relay_grpc.add_AgentRelayServicer_to_server(RelayServicer(hub, authorize_admin), server)
 
 
 async def identify_by_certificate(context: aio.ServicerContext[Any, Any]) -> Caller:
@@ -754,8 +925,8 @@ def attach_distribution(
     store_executor: Executor | None = None,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
 ) -> Hub:
-    """What the server process does: a Hub on `data_dir`/fleet.sqlite3, Distribution and Fleet on
-    `server` (identity from certificates), and revoked agents' streams closed at once.
+    """What the server process does: a Hub on `data_dir`/fleet.sqlite3, Distribution, Fleet and AgentRelay
+    on `server` (identity from certificates), and revoked agents' streams closed at once.
 
     Call `await hub.start()` once the loop runs and `await hub.stop()` before the server stops.
     """
@@ -774,16 +945,21 @@ def attach_distribution(
 
 DISTRIBUTION_SERVICE: str = dist_pb.DESCRIPTOR.services_by_name["Distribution"].full_name
 FLEET_SERVICE: str = fleet_pb.DESCRIPTOR.services_by_name["Fleet"].full_name
+AGENT_RELAY_SERVICE: str = relay_pb.DESCRIPTOR.services_by_name["AgentRelay"].full_name
 
 __all__ = [
+    "AGENT_RELAY_SERVICE",
     "DISTRIBUTION_SERVICE",
     "FLEET_SERVICE",
+    "RELAY_ORIGIN_KEY",
     "SERVER_CONNECTION_OPTIONS",
     "Caller",
     "DistributionServicer",
     "EffectiveSource",
     "FleetServicer",
     "Hub",
+    "RelayError",
+    "RelayServicer",
     "add_to_server",
     "attach_distribution",
     "identify_by_certificate",

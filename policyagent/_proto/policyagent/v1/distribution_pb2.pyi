@@ -75,6 +75,7 @@ class Hello(_message.Message):
     RUNNING_ON_CACHE_FIELD_NUMBER: _builtins.int
     CACHE_SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FEATURES_FIELD_NUMBER: _builtins.int
     computer: _builtins.str
     """informational; the certificate is authoritative"""
     applied_version: _builtins.str
@@ -85,6 +86,12 @@ class Hello(_message.Message):
     agent_version: _builtins.str
     @_builtins.property
     def capabilities(self) -> Global___Capabilities: ...
+    @_builtins.property
+    def protocol_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stream extensions this agent understands: "relay" (it answers RelayCall). The server relays
+        admins' calls only to agents that say so (an older agent would take a RelayCall for a protocol error).
+        """
+
     def __init__(
         self,
         *,
@@ -94,10 +101,11 @@ class Hello(_message.Message):
         running_on_cache: _builtins.bool = ...,
         cache_since_unix_ms: _builtins.int = ...,
         agent_version: _builtins.str = ...,
+        protocol_features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_version", b"applied_version", "cache_since_unix_ms", b"cache_since_unix_ms", "capabilities", b"capabilities", "computer", b"computer", "running_on_cache", b"running_on_cache"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_version", b"applied_version", "cache_since_unix_ms", b"cache_since_unix_ms", "capabilities", b"capabilities", "computer", b"computer", "protocol_features", b"protocol_features", "running_on_cache", b"running_on_cache"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,6 +396,7 @@ class AgentMessage(_message.Message):
     NACK_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     AUDIT_BATCH_FIELD_NUMBER: _builtins.int
+    RELAY_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -398,6 +407,8 @@ class AgentMessage(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def audit_batch(self) -> Global___AuditBatch: ...
+    @_builtins.property
+    def relay_result(self) -> Global___RelayResult: ...
     def __init__(
         self,
         *,
@@ -406,16 +417,86 @@ class AgentMessage(_message.Message):
         nack: Global___Nack | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         audit_batch: Global___AuditBatch | None = ...,
+        relay_result: Global___RelayResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "audit_batch", b"audit_batch", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "audit_batch", b"audit_batch", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack", "relay_result", b"relay_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "audit_batch", b"audit_batch", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "audit_batch", b"audit_batch", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "nack", b"nack", "relay_result", b"relay_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ack", "nack", "heartbeat", "audit_batch"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ack", "nack", "heartbeat", "audit_batch", "relay_result"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class RelayCall(_message.Message):
+    """An admin's call to this agent's local API (AgentLocal, agent.proto), relayed by the server
+    (AgentRelay, relay.proto): the agent runs it as if it came over its unix socket.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    ADMIN_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """echoed in the RelayResult"""
+    method: _builtins.str
+    """an AgentLocal method name, e.g. "GetConfig" """
+    request: _builtins.bytes
+    """its request message, serialized"""
+    admin: _builtins.str
+    """who asked (the admin certificate's name), for the agent's log"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        method: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+        admin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "id", b"id", "method", b"method", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayCall: _TypeAlias = RelayCall  # noqa: Y015
+
+@_typing.final
+class RelayResult(_message.Message):
+    """The agent's answer to a RelayCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    response: _builtins.bytes
+    """the method's response message, serialized (when code = 0)"""
+    code: _builtins.int
+    """gRPC status code number: 0 = OK"""
+    details: _builtins.str
+    """the status details when code != 0"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        response: _builtins.bytes = ...,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "id", b"id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayResult: _TypeAlias = RelayResult  # noqa: Y015
 
 @_typing.final
 class RsopStep(_message.Message):
@@ -534,21 +615,25 @@ class ServerMessage(_message.Message):
 
     POLICY_FIELD_NUMBER: _builtins.int
     KEEPALIVE_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def policy(self) -> Global___EffectivePolicy: ...
     @_builtins.property
     def keepalive(self) -> Global___KeepAlive: ...
+    @_builtins.property
+    def relay(self) -> Global___RelayCall: ...
     def __init__(
         self,
         *,
         policy: Global___EffectivePolicy | None = ...,
         keepalive: Global___KeepAlive | None = ...,
+        relay: Global___RelayCall | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["keepalive", b"keepalive", "msg", b"msg", "policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keepalive", b"keepalive", "msg", b"msg", "policy", b"policy", "relay", b"relay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keepalive", b"keepalive", "msg", b"msg", "policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keepalive", b"keepalive", "msg", b"msg", "policy", b"policy", "relay", b"relay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["policy", "keepalive"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["policy", "keepalive", "relay"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

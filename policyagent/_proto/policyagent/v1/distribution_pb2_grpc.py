@@ -56,7 +56,8 @@ class DistributionServicer:
 
     def Stream(self, request_iterator, context):
         """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
-        whenever this computer's effective policy changes, and KeepAlive.
+        whenever this computer's effective policy changes, and KeepAlive. An admin's AgentRelay.Call
+        (relay.proto) goes to the agent as a RelayCall; the agent answers with a RelayResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,8 @@ class DistributionStub:
     def __new__(cls, channel: _aio.Channel) -> DistributionAsyncStub: ...
     Stream: _grpc.StreamStreamMultiCallable[_distribution_pb2.AgentMessage, _distribution_pb2.ServerMessage]
     """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
-    whenever this computer's effective policy changes, and KeepAlive.
+    whenever this computer's effective policy changes, and KeepAlive. An admin's AgentRelay.Call
+    (relay.proto) goes to the agent as a RelayCall; the agent answers with a RelayResult.
     """
     Fetch: _grpc.UnaryUnaryMultiCallable[_distribution_pb2.FetchRequest, _distribution_pb2.EffectivePolicy]
     """Polling fallback (at the policy's polling interval, or when the stream is
@@ -52,7 +53,8 @@ class DistributionAsyncStub(DistributionStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Stream: _aio.StreamStreamMultiCallable[_distribution_pb2.AgentMessage, _distribution_pb2.ServerMessage]  # type: ignore[assignment]
     """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
-    whenever this computer's effective policy changes, and KeepAlive.
+    whenever this computer's effective policy changes, and KeepAlive. An admin's AgentRelay.Call
+    (relay.proto) goes to the agent as a RelayCall; the agent answers with a RelayResult.
     """
     Fetch: _aio.UnaryUnaryMultiCallable[_distribution_pb2.FetchRequest, _distribution_pb2.EffectivePolicy]  # type: ignore[assignment]
     """Polling fallback (at the policy's polling interval, or when the stream is
@@ -70,7 +72,8 @@ class DistributionServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_distribution_pb2.ServerMessage], _abc.AsyncIterator[_distribution_pb2.ServerMessage]]:
         """Agent → Hello first, then Ack/Nack/Heartbeat (and AuditBatch); server → EffectivePolicy
-        whenever this computer's effective policy changes, and KeepAlive.
+        whenever this computer's effective policy changes, and KeepAlive. An admin's AgentRelay.Call
+        (relay.proto) goes to the agent as a RelayCall; the agent answers with a RelayResult.
         """
 
     @_abc_1.abstractmethod
