@@ -21,6 +21,10 @@
   agents: p50/p99/max from the change to each agent sending its ACK, and to the hub
   recording it (the fleet record's last_ack); the CPU the server and the agent workers
   used meanwhile (they share the machine's cores) and the server's time in the GC.
+- --server-env KEY=VALUE (repeatable): environment of the server process only (e.g.
+  MALLOC_MMAP_THRESHOLD_=17000, GRPC_EXPERIMENTS=...); --server-option KEY=VALUE (repeatable):
+  a gRPC server channel arg set on top of hub.SERVER_CONNECTION_OPTIONS (same key: replaced;
+  an int when the value parses as one). Both are printed with the figures.
 - BENCH_PYSPY_DIR=DIR: record py-spy profiles of the server and the first worker
   around the change into DIR (py-spy must be installed in the venv).
 """
@@ -39,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +156,28 @@ def edit_policy(server: Any, generation: int) -> None:
     store.write([Put(policy)], principal="bench")
 
 
-async def server_main(cache: Path, n: int, data_dir: Path) -> None:
+def _key_values(items: Sequence[str]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out.append((key, int(value)))
+        except ValueError:
+            out.append((key, value))
+    return out
+
+
+async def server_main(cache: Path, n: int, data_dir: Path, server_options: Sequence[str] = ()) -> None:
     """The real server (PolicyServer: interceptor, options, hub, EffectivePolicies) on the bench CA."""
     import shutil
 
+    import policyagent.server.app as app
     from policyagent.server.app import PolicyServer, ServerConfig
+
+    if server_options:  # --server-option: on top of hub.SERVER_CONNECTION_OPTIONS, as app.py passes them
+        extra = _key_values(server_options)
+        keys = {k for k, _ in extra}
+        app.SERVER_CONNECTION_OPTIONS = [(k, v) for k, v in app.SERVER_CONNECTION_OPTIONS if k not in keys] + extra
 
     _raise_fd_limit()
     pki = data_dir / "pki"
@@ -311,15 +333,20 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def run(n: int, workers: int, cache: Path, pace: int, worker_nice: int = 0) -> None:
+def run(
+    n: int, workers: int, cache: Path, pace: int, worker_nice: int = 0,
+    server_env: Sequence[str] = (), server_options: Sequence[str] = (),
+) -> None:
     import tempfile
 
     ensure_certs(cache, n)
     me = [sys.executable, __file__, "--cache-dir", str(cache)]
+    env = dict(os.environ)
+    env.update((k, str(v)) for k, v in _key_values(server_env))
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
-            [*me, "--role", "server", "--agents", str(n), "--data-dir", tmp],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [*me, "--role", "server", "--agents", str(n), "--data-dir", tmp, *(f"--server-option={o}" for o in server_options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         try:
             port = int(_readline(server, "port ").split()[1])
@@ -374,6 +401,8 @@ def run(n: int, workers: int, cache: Path, pace: int, worker_nice: int = 0) -> N
             threads = {k: v - threads_before.get(k, 0.0) for k, v in _thread_cpu_s(server.pid).items()}
             busiest = sorted(((v, k) for k, v in threads.items() if v >= 0.01), reverse=True)
             print(f"agents                      {n} ({len(procs)} worker processes, one mTLS channel + stream each)")
+            if server_env or server_options:
+                print(f"server settings             env {' '.join(server_env) or '-'}; options {' '.join(server_options) or '-'}")
             print(f"connect + first sync        {connect_s:.2f} s for all agents (pace: {pace} handshakes in flight per "
                   f"worker; server CPU {connect_cpu['server'][0]:.1f} s user + {connect_cpu['server'][1]:.1f} s sys; "
                   f"streams retried per worker: {', '.join(retried)})")
@@ -430,17 +459,21 @@ def main() -> None:
         help="niceness of the simulated-agent processes: real agents run on other machines; with e.g. 19 "
         "they take only the CPU the server leaves, so the server's figures are less skewed by the simulation",
     )
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the server process only (repeatable)")
+    parser.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="gRPC server channel arg on top of hub.SERVER_CONNECTION_OPTIONS (repeatable)")
     args = parser.parse_args()
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if args.role == "server":
-        asyncio.run(server_main(cache, args.agents, Path(args.data_dir)))
+        asyncio.run(server_main(cache, args.agents, Path(args.data_dir), args.server_option))
     elif args.role == "worker":
         if args.worker_nice:
             os.nice(args.worker_nice)
         asyncio.run(worker_main(cache, args.address, args.start, args.count, args.pace))
     else:
-        run(args.agents, args.workers, cache, args.pace, args.worker_nice)
+        run(args.agents, args.workers, cache, args.pace, args.worker_nice, args.server_env, args.server_option)
 
 
 if __name__ == "__main__":

@@ -350,3 +350,31 @@ def test_start_ends_a_charon_left_by_an_earlier_agent(lan: Lan, daemons: Daemons
     assert first._proc is not None and first._proc.wait(5) is not None  # reap our zombie
     assert not Path(f"/proc/{old}").exists()
     assert second.version()["daemon"] == "charon-systemd"
+
+
+def test_the_systems_charon_is_used_over_its_socket_without_supervising_it(
+    lan: Lan, daemons: Daemons, tmp_path: Path
+) -> None:
+    """`--charon-vici`: ExternalCharon talks to a charon it did not start, notices when it goes away,
+    waits for it to come back, and refuses to reconfigure its logging."""
+    from policyagent.agent.enforce.charon import ExternalCharon
+
+    system = daemons.start(lan.hosts["a"], "system")  # stands in for the distribution's charon
+    ext = ExternalCharon(system.vici_path, tmp_path / "agent-charon")
+    ext.start(timeout=5)
+    assert ext.alive() and ext.version()["daemon"] == "charon-systemd" and ext.pid is None
+    gone = threading.Event()
+    ext.watch(lambda code: gone.set())
+    ext.stop()  # the agent stopping leaves the system's charon running
+    assert system.alive()
+    ext.watch(lambda code: gone.set())
+    os.kill(system.pid or 0, signal.SIGKILL)
+    assert gone.wait(10), "the watch did not notice the system charon went away"
+    with pytest.raises(CharonError, match="does not answer"):
+        ext.restart(timeout=0.5)
+    system.restart()
+    ext.restart(timeout=10)
+    assert ext.alive()
+    with pytest.raises(CharonError, match=r"strongswan\.conf"):
+        ext.set_ike_trace(tmp_path / "trace.log")
+    ext.stop()

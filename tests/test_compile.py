@@ -283,3 +283,10 @@ def test_ikev2_is_a_policy_option_and_the_default_response_rule_answers_either()
     assert versions == {True: "2", False: "0"}
     rule_conn = next(c for c in v2.connections if c.initiates)
     assert rule_conn.body["reauth_time"] == "0s" and rule_conn.body["rekey_time"] == "28800s"
+
+
+def test_connection_types_are_mapped_to_all_connections_with_a_note() -> None:
+    policy = custom([([me_to(host("10.77.1.9"))], NEG)])
+    policy.policy.rules[0].connection_type = pb.CONNECTION_TYPE_REMOTE_ACCESS
+    d = run(policy)
+    assert d.problems == () and any("remote access is enforced on all network connections" in n for n in d.notes)

@@ -331,11 +331,13 @@ def test_request_security_falls_back_to_clear_with_a_host_without_ipsec(site: Si
     a, b = site.a, site.b
     site.stop_agent(a)  # a: no IPsec at all (its agent and charon are gone)
     site.assign("GPO-B", SERVER)
+    soft_before = _counter(site, b, "soft_associations")
     with b.capture("udp port 500 or udp port 4500 or tcp port 5001") as pcap:
         out = tcp(a, b.ip, 5001, "hello-clear", timeout=12)
     assert out.startswith("OK"), out
     assert tshark_lines(pcap, "isakmp"), "b never tried IKE with a"
     assert tshark_lines(pcap, 'frame contains "hello-clear"'), "fallback traffic should be clear"
+    assert _counter(site, b, "soft_associations") == soft_before + 1  # counted, as the IP Security Monitor does
 
 
 def test_secure_server_refuses_a_host_without_ipsec(site: Site) -> None:

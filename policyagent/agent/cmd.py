@@ -59,6 +59,12 @@ def add_agent(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="auto (default): strongSwan + nftables where this host can run them, else record-only (and say why); "
         "strongswan: refuse to start without it; record-only: check and record, enforce nothing",
     )
+    parser.add_argument(
+        "--charon-vici",
+        metavar="SOCKET",
+        help="use the system's strongSwan over this VICI socket (e.g. /var/run/charon.vici) instead of the "
+        "agent's own charon; its strongswan.conf must suit this host",
+    )
     kerb = parser.add_argument_group("Kerberos authentication in IKE (domain members)")
     kerb.add_argument(
         "--ike-keytab", metavar="FILE", help="keytab with this computer's host principal (e.g. /etc/krb5.keytab)"
@@ -111,6 +117,7 @@ def run_agent_command(args: argparse.Namespace) -> int:
         ike_keytab=Path(args.ike_keytab).absolute() if args.ike_keytab else None,
         ike_principal=args.ike_principal or "",
         krb5_config=str(Path(args.krb5_config).absolute()) if args.krb5_config else "",
+        charon_vici=Path(args.charon_vici).absolute() if args.charon_vici else None,
     )
     if bool(args.ike_keytab) != bool(args.ike_principal):
         from policyagent.agent.daemon import AgentError

@@ -106,6 +106,7 @@ class AgentConfig:
     ike_keytab: Path | None = None  # Kerberos in IKE: keytab and host principal (domain members)
     ike_principal: str = ""
     krb5_config: str = ""  # KRB5_CONFIG for the keying exchange ("" = the system's)
+    charon_vici: Path | None = None  # use the system's charon over this VICI socket instead of our own
     audit_forward_s: float = DEFAULT_INTERVAL_S  # new audit events go to the server this often (stream up)
     audit_batch: int = DEFAULT_BATCH  # audit events per AuditBatch
 

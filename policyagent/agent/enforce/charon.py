@@ -465,3 +465,93 @@ class Charon:
 
 
 __all__ = ["DISABLED_PLUGINS", "Charon", "CharonError", "ViciSession", "render_conf"]
+
+
+class ExternalCharon:
+    """The system's charon, used over its VICI socket when the agent is told to (`--charon-vici PATH`).
+
+    The agent does not start, stop or configure it: `start()` waits until the socket answers, `stop()`
+    leaves it running (the agent still unloads nothing it did not load: its connections and secrets go
+    when that charon restarts), `watch()` polls the socket and reports when it stops answering, and
+    `restart()` waits for it to come back. The system's strongswan.conf must suit this host (on hosts
+    without kernel ESP: kernel-libipsec with `allow_peer_ts` and the fwmark settings), and IKE logging is
+    configured there, not through `set config ikelogging`."""
+
+    POLL_S = 2.0
+
+    def __init__(self, vici_path: Path, run_dir: Path) -> None:
+        self._vici_path = vici_path
+        self.run_dir = run_dir  # the agent's own files (an IKE trace cannot go here: see set_ike_trace)
+        self._on_exit: Callable[[int], None] | None = None
+        self._watching = False
+        self._lock = threading.Lock()
+
+    @property
+    def vici_path(self) -> Path:
+        return self._vici_path
+
+    @property
+    def pid(self) -> int | None:
+        return None  # not ours
+
+    @property
+    def ike_trace(self) -> Path | None:
+        return None
+
+    def alive(self) -> bool:
+        try:
+            with self.session(timeout=2) as s:
+                s.version()
+            return True
+        except (CharonError, OSError, SessionException):
+            return False
+
+    def start(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.alive():
+                return
+            time.sleep(0.1)
+        raise CharonError(f"the system's charon does not answer on {self._vici_path} (is strongSwan running?)")
+
+    def stop(self) -> None:
+        with self._lock:
+            self._watching = False  # the system's charon keeps running
+
+    def restart(self, timeout: float = 30) -> None:
+        self.start(timeout)
+
+    def watch(self, on_exit: Callable[[int], None]) -> None:
+        with self._lock:
+            self._on_exit = on_exit
+            if self._watching:
+                return
+            self._watching = True
+        threading.Thread(target=self._poll, name="charon-watch-external", daemon=True).start()
+
+    def _poll(self) -> None:
+        while True:
+            time.sleep(self.POLL_S)
+            with self._lock:
+                if not self._watching:
+                    return
+                callback = self._on_exit
+            if not self.alive() and callback is not None:
+                callback(-1)  # the caller waits for it (restart()) and re-applies
+
+    def session(self, timeout: float = 10) -> ViciSession:
+        try:
+            return ViciSession(self._vici_path, timeout)
+        except OSError as e:
+            raise CharonError(f"cannot connect to the system charon's VICI socket {self._vici_path}: {e}") from e
+
+    def version(self) -> dict[str, str]:
+        with self.session() as s:
+            answer = s.version()
+        return {str(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in answer.items()}
+
+    def set_ike_trace(self, path: Path | None) -> None:
+        raise CharonError(
+            "IKE logging of the system's charon is configured in its strongswan.conf (charon.filelog), "
+            "not by this agent"
+        )

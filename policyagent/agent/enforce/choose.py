@@ -60,4 +60,10 @@ def choose(config: AgentConfig) -> Enforcer:
         kerberos = KerberosSetup(config.ike_keytab, config.ike_principal, env)
         if not kerberos.usable():
             _log.error("Kerberos in IKE unavailable: no keytab at %s", config.ike_keytab)
-    return StrongSwanEnforcer(state_dir, caps, server=server_address(server), kerberos=kerberos)
+    charon = None
+    if config.charon_vici is not None:
+        from policyagent.agent.enforce.charon import ExternalCharon
+
+        charon = ExternalCharon(config.charon_vici, state_dir / "charon")
+        _log.warning("using the system's charon at %s (not supervised by this agent)", config.charon_vici)
+    return StrongSwanEnforcer(state_dir, caps, server=server_address(server), kerberos=kerberos, charon=charon)

@@ -490,6 +490,12 @@ class _Compiler:
         workgroup: bool,
         what: str,
     ) -> None:
+        if rule.connection_type in (pb.CONNECTION_TYPE_LAN, pb.CONNECTION_TYPE_REMOTE_ACCESS):
+            kind = "local area network" if rule.connection_type == pb.CONNECTION_TYPE_LAN else "remote access"
+            self.out.note(
+                f"{what}: connection type {kind} is enforced on all network connections (Linux has no Windows "
+                "connection classes; the rule's filters decide which traffic it covers)"
+            )
         verdict = {pb.ACTION_TYPE_PERMIT: PERMIT, pb.ACTION_TYPE_BLOCK: BLOCK}.get(fa.action, NEGOTIATE)
         conn_name = f"rule-{_short(rule.id, 40)}" if verdict == NEGOTIATE else ""
         if conn_name and rule.tunnel_endpoint and _host_cidr(rule.tunnel_endpoint) not in self.me:

@@ -79,7 +79,7 @@ from typing import Any
 
 from vici.protocol import Message, Packet
 
-from policyagent.agent.enforce.charon import Charon, ViciSession
+from policyagent.agent.enforce.charon import Charon, ExternalCharon, ViciSession
 
 _log = logging.getLogger("policyagent.agent.enforce.monitor")
 
@@ -469,7 +469,7 @@ class Monitor:
 
     def __init__(
         self,
-        charon: Charon,
+        charon: Charon | ExternalCharon,
         state_dir: Path,
         *,
         clock: Callable[[], float] = time.time,

@@ -33,7 +33,7 @@ from typing import Any
 
 from policyagent.agent.enforce import EnforceError, HostFacts, nft, views
 from policyagent.agent.enforce.caps import HostCapabilities
-from policyagent.agent.enforce.charon import Charon
+from policyagent.agent.enforce.charon import Charon, CharonError, ExternalCharon
 from policyagent.agent.enforce.compile import (
     CompileInput,
     HostAddresses,
@@ -210,7 +210,7 @@ class StrongSwanEnforcer:
         *,
         server: tuple[str, int] | None = None,
         addresses: Callable[[], HostAddresses] = host_addresses,
-        charon: Charon | None = None,
+        charon: Charon | ExternalCharon | None = None,
         kerberos: KerberosSetup | None = None,
     ) -> None:
         self.state_dir = state_dir
@@ -220,7 +220,7 @@ class StrongSwanEnforcer:
         self.caps = caps
         self.server = server
         self._addresses = addresses
-        self.charon = charon or Charon(state_dir / "charon", backend=caps.backend)
+        self.charon: Charon | ExternalCharon = charon or Charon(state_dir / "charon", backend=caps.backend)
         self.monitor = Monitor(self.charon, state_dir)  # IP Security Monitor counters and audit events
         self.platform = Platform(backend=caps.backend, kernel_ah=caps.kernel_ah, ipcomp=caps.ipcomp)
         self.tun: str | None = "ipsec0" if caps.backend == "kernel-libipsec" else None
@@ -347,7 +347,10 @@ class StrongSwanEnforcer:
         """ikelogging (at once), strongcrlcheck (at once: re-applies the policy), ipsecexempt (given at start)."""
         trace = values.get("ikelogging", "0") == "1"
         if trace != (self.charon.ike_trace is not None):
-            self.charon.set_ike_trace(self.charon.run_dir / "ike-trace.log" if trace else None)
+            try:
+                self.charon.set_ike_trace(self.charon.run_dir / "ike-trace.log" if trace else None)
+            except CharonError as exc:
+                _log.warning("set config ikelogging: %s", exc)
         crl = values.get("strongcrlcheck", self.crl_check)
         exempt = values.get("ipsecexempt", self.exempt_level)
         changed = (crl, exempt) != (self.crl_check, self.exempt_level)
