@@ -85,7 +85,15 @@ _WATCH_DELAY_S = 0.2
 # insecure port: ~27 KiB). The TLS frame protector's buffer follows grpc.tsi.max_frame_size (default
 # 16 KiB); 4 KiB saves ~5 KiB per connection at ~1% more record overhead on bulk admin replies. The
 # HTTP/2 knobs (BDP probe, frame size, HPACK tables, TCP read chunk sizes) measured no difference.
-SERVER_CONNECTION_OPTIONS: list[tuple[str, Any]] = [("grpc.tsi.max_frame_size", 4096)]
+# Measured (bench/conn_memory.py, grpcio 1.85, mTLS): ~60 KiB per connection + ~25 KiB per stream, mostly
+# fixed gRPC-core buffers no channel argument reaches (BIO pair 2x17 KiB, staging 2x8 KiB, TCP read 8 KiB).
+# What does: the TLS frame protector's buffer (tsi.max_frame_size; 1 KiB is TSI's minimum) and channelz's
+# per-socket node (not served here). HTTP/2 knobs, read chunk sizes, pollers and GRPC_EXPERIMENTS measured
+# no difference.
+SERVER_CONNECTION_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.tsi.max_frame_size", 1024),
+    ("grpc.enable_channelz", 0),
+]
 # The cyclic GC's youngest-generation threshold while a hub runs (CPython's default: 700 allocations).
 # A push to 10,000 streams allocates ~100,000 short-lived tracked objects (futures, call operations,
 # task steps), most of them alive across a few collections: at 700, bench/fanout.py measured ~200
