@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from netns import Host, Lan, netns_unavailable, tshark_lines, two_hosts
+from vici.exception import CommandException
 
 from policyagent.agent.enforce import caps
 from policyagent.agent.enforce.caps import BACKEND_LIBIPSEC, BACKEND_NETLINK
@@ -378,3 +379,58 @@ def test_the_systems_charon_is_used_over_its_socket_without_supervising_it(
     with pytest.raises(CharonError, match=r"strongswan\.conf"):
         ext.set_ike_trace(tmp_path / "trace.log")
     ext.stop()
+
+
+def test_kernel_netlink_backend_reaches_quick_mode_and_reports_what_this_kernel_lacks(
+    lan: Lan, tmp_path: Path
+) -> None:
+    """On hosts with kernel ESP the agent runs charon with kernel-netlink and compiles transport mode.
+    This kernel has XFRM but no ESP: the whole IKEv1 negotiation (main mode + quick mode for transport
+    mode, from compile()'s own output) completes, and installing the SA is what fails — the part only a
+    full kernel exercises."""
+    from policyagent.agent.enforce.compile import NETLINK, CompileInput, HostAddresses, Platform, compile_policy
+    from policyagent.pb import dist_pb, pb
+
+    a, b = lan.hosts["a"], lan.hosts["b"]
+    charons = {}
+    try:
+        for me, peer in ((a, b), (b, a)):
+            policy = dist_pb.EffectivePolicy(source="domain", membership="domain", version="v")
+            policy.policy.name = "netlink"
+            policy.policy.isakmp.methods.add(
+                encryption=pb.CIPHER_AES128, integrity=pb.INTEGRITY_SHA256, dh_group=pb.DH_GROUP_MODP2048
+            )
+            fl = policy.filter_lists.add(id="fl", name="peer")
+            fl.filters.add(
+                id="f", mirrored=True, source=pb.Address(kind=pb.ADDRESS_KIND_ME),
+                destination=pb.Address(kind=pb.ADDRESS_KIND_HOST, ip=peer.ip),
+            )
+            policy.filter_actions.add(
+                id="fa", name="neg", action=pb.ACTION_TYPE_NEGOTIATE,
+                methods=[pb.QuickModeMethod(esp=pb.EspTransform(encryption=pb.CIPHER_AES128, integrity=pb.INTEGRITY_SHA256))],
+            )
+            rule = policy.policy.rules.add(id="r1", filter_list_id="fl", filter_action_id="fa", active=True)
+            rule.auth_methods.add(preshared_key=pb.PresharedKeyAuth(key=PSK))
+            desired = compile_policy(
+                CompileInput(policy=policy, host=HostAddresses(addresses=(me.ip,)), platform=Platform(backend=NETLINK))
+            )
+            assert desired.problems == ()
+            (conn,) = desired.connections
+            assert next(iter(conn.body["children"].values()))["mode"] == "transport" and "encap" not in conn.body
+            c = Charon(tmp_path / me.name, backend=BACKEND_NETLINK, netns=me.netns)
+            c.start()
+            charons[me.name] = c
+            with c.session() as s:
+                s.load_conn({conn.name: conn.body})
+                (secret,) = desired.secrets
+                s.load_shared({"id": secret.name, "type": "IKE", "data": secret.data, "owners": list(secret.owners)})
+        child = next(iter(conn.body["children"]))  # same names on both sides: compiled from the same rule
+        with charons["b"].session(timeout=15) as s, pytest.raises(CommandException):
+            list(s.initiate({"child": child, "timeout": 10000}))
+        log = charons["b"].log_path.read_text() + charons["a"].log_path.read_text()
+        assert "established between" in log, "main mode did not complete"
+        assert "selected proposal: ESP:AES_CBC_128/HMAC_SHA2_256_128" in log, "quick mode did not agree"
+        assert "unable to install" in log and "SAD" in log, "expected the kernel to refuse the SA"
+    finally:
+        for c in charons.values():
+            c.stop()

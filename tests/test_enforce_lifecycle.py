@@ -581,3 +581,25 @@ def test_workgroup_agent_nacks_a_kerberos_rule_and_says_why(site: LifecycleSite)
         site.stop_agent(c)
         cli("gpo", "delete", "GPO-C", "-r", site.address)
         static(site, 'delete policy name="Kerberos Only"')
+
+
+def test_server_down_an_agent_restarted_enforces_its_cached_policy(site: LifecycleSite) -> None:
+    """Last in the module: it stops the policy server for good."""
+    a, b = site.a, site.b
+    version = secure_version(site)
+    assert site.server is not None
+    site.server.close()
+    site.stop_agent(b)
+    log = site.base / "agent-b.log"
+    offset = log.stat().st_size
+    site.start_agent(b)
+
+    def on_cache() -> None:
+        cached = [r for r in _log_records(site, "b", offset) if r.get("message") == "cached policy found"]
+        assert cached and cached[0].get("version") == version, cached
+        assert table_exists(b), "no filter table yet"
+
+    wait_until(on_cache, "b enforces its cached policy with the server down", timeout=20)
+    journal = json.loads((site.state_dir(b) / "enforcer" / "journal.json").read_text())
+    assert journal["version"] == version and journal["state"] == "applied", journal
+    protected_tcp(site, a, b, "cached-policy-a-to-b")
