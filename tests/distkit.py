@@ -104,6 +104,23 @@ class Pki:
         (state / CA_FILE).write_bytes(self.ca.cert_pem)
         return state, issued.serial
 
+    def admin_cert_dir(self, name: str = "admin1") -> Path:
+        """An admin certificate directory as `policyagent admin-cert issue` writes it (admin.crt, admin.key, ca.crt)."""
+        state, _ = self.agent_dir(name, role="admin")
+        out = self.dir / "admin-cli"
+        out.mkdir(exist_ok=True)
+        (out / "admin.crt").write_bytes((state / HOST_CERT).read_bytes())
+        (out / "admin.key").write_bytes((state / HOST_KEY).read_bytes())
+        (out / "ca.crt").write_bytes((state / CA_FILE).read_bytes())
+        return out
+
+
+def state_credentials(state: Path, cert: str = HOST_CERT, key: str = HOST_KEY) -> grpc.ChannelCredentials:
+    """mTLS channel credentials from a state dir (host.crt, host.key, ca.crt)."""
+    return grpc.ssl_channel_credentials(
+        (state / CA_FILE).read_bytes(), (state / key).read_bytes(), (state / cert).read_bytes()
+    )
+
 
 async def identify_agent(context: aio.ServicerContext[Any, Any]) -> Caller:
     peer = peer_of(context)

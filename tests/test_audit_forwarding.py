@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from distkit import FakeEffective, HubServer, Pki, agent_config, simple_policy, until
+from distkit import FakeEffective, HubServer, Pki, agent_config, simple_policy, state_credentials, until
 from grpc import aio
 
 from policyagent.agent.daemon import AgentDaemon
@@ -82,23 +81,8 @@ def pki(tmp_path: Path) -> Pki:
     return Pki.create(tmp_path)
 
 
-def _credentials(state: Path, cert: str = "host.crt", key: str = "host.key") -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials((state / "ca.crt").read_bytes(), (state / key).read_bytes(), (state / cert).read_bytes())
-
-
-def admin_dir(pki: Pki) -> Path:
-    """An admin certificate directory as `policyagent admin-cert issue` writes it (admin.crt, admin.key, ca.crt)."""
-    state, _ = pki.agent_dir("admin1", role="admin")
-    out = pki.dir / "admin-cli"
-    out.mkdir(exist_ok=True)
-    shutil.copy(state / "host.crt", out / "admin.crt")
-    shutil.copy(state / "host.key", out / "admin.key")
-    shutil.copy(state / "ca.crt", out / "ca.crt")
-    return out
-
-
 def _admin_channel(address: str, cert_dir: Path) -> aio.Channel:
-    return aio.secure_channel(address, _credentials(cert_dir, "admin.crt", "admin.key"))
+    return aio.secure_channel(address, state_credentials(cert_dir, "admin.crt", "admin.key"))
 
 
 def _agent(pki: Pki, name: str, address: str, events: list[agent_pb.AuditEvent], counters: dict[str, int]) -> AgentDaemon:
@@ -120,7 +104,7 @@ def test_events_are_forwarded_queryable_not_resent_after_restart_and_sent_after_
         eff.set(["pc1", "pc2"], simple_policy("Base"))
         hub = HubServer(tmp_path, eff, pki)
         address = await hub.start()
-        channel = _admin_channel(address, admin_dir(pki))
+        channel = _admin_channel(address, pki.admin_cert_dir())
         fleet = fleet_grpc.FleetStub(channel)
         t0 = _now_ms() - 60_000
         # Recorded before the agents start (batches of 2: several Reports); two share a millisecond.
@@ -193,7 +177,7 @@ def test_statistics_per_computer_and_fleet_totals(tmp_path: Path, pki: Pki) -> N
         eff.set(["pc1", "pc2", "pc3"], simple_policy("Base"))
         hub = HubServer(tmp_path, eff, pki)
         address = await hub.start()
-        channel = _admin_channel(address, admin_dir(pki))
+        channel = _admin_channel(address, pki.admin_cert_dir())
         fleet = fleet_grpc.FleetStub(channel)
         pc1 = _agent(pki, "pc1", address, [], {"authentication_failures": 2, "ike_main_modes": 5, "active_security_associations": 3})
         pc2 = _agent(pki, "pc2", address, [], {"authentication_failures": 1, "confidential_bytes_sent": 1000})
@@ -256,7 +240,7 @@ def test_agent_certificate_cannot_call_the_new_fleet_rpcs(tmp_path: Path, pki: P
         address = await hub.start()
         state, _ = pki.agent_dir("pc1")
         try:
-            async with aio.secure_channel(address, _credentials(state)) as channel:
+            async with aio.secure_channel(address, state_credentials(state)) as channel:
                 stub = fleet_grpc.FleetStub(channel)
                 for call in (
                     stub.ListAuditEvents(fleet_pb.FleetAuditRequest()),
@@ -277,7 +261,7 @@ def test_cli_audit_and_fleet_stats(tmp_path: Path, pki: Pki, capsys: pytest.Capt
         eff.set(["pc1"], simple_policy("Base"))
         hub = HubServer(tmp_path, eff, pki)
         address = await hub.start()
-        certs = str(admin_dir(pki))
+        certs = str(pki.admin_cert_dir())
         now = _now_ms()
         events = [
             event(541, now - 3_600_000, "10.0.0.7"),  # an hour ago

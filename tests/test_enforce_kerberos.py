@@ -70,20 +70,11 @@ class KerberosSite(Site):
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KerberosSite]:
     s = KerberosSite(tmp_path_factory.mktemp("kerberos"))
     try:
-        s.start_server()
-        s.start_agent(s.a)
-        s.start_agent(s.b)
-        unplaced = {name: s.wait_applied(name) for name in ("a", "b")}
-        s.place()
-        for name, version in unplaced.items():
-            s.wait_applied(name, not_version=version)
+        s.bring_up()
         s.b.popen([sys.executable, "-c", TCP_SERVER, "5001"])
         yield s
     except BaseException:
-        for name in ("a", "b"):
-            log = s.base / f"agent-{name}.log"
-            if log.exists():
-                print(f"--- agent {name} ---\n{log.read_text(errors='replace')[-6000:]}", file=sys.stderr)
+        s.dump_logs()
         raise
     finally:
         s.close()

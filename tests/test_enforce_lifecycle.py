@@ -33,9 +33,8 @@ from typing import Any
 
 import pytest
 from conftest import RPC_TIMEOUT_S, admin_channel
-from netns import Host, Lan, tshark_lines
+from netns import Host, tshark_lines
 from test_enforce_netns import (
-    DOMAIN,
     PSK,
     SECURE,
     TCP_SERVER,
@@ -58,57 +57,12 @@ BLOCKED = "192.0.2.77"  # TEST-NET-1: no host on the LAN has it
 OTHER_PORT = 5002
 
 
-def _root_prefixes() -> set[str]:
-    """The "10.77.K" prefixes the test process's own namespace already has an address in."""
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=False)
-    found: set[str] = set()
-    for link in json.loads(out.stdout or "[]"):
-        for info in link.get("addr_info", []):
-            found.add(info.get("local", "").rsplit(".", 1)[0])
-    return found
-
-
 class LifecycleSite(Site):
     """test_enforce_netns.Site on a LAN whose subnet no other LAN of this machine uses (its own namespaces and
     subnet: the two modules' sites coexist), and agents that may enroll as workgroup members."""
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        used = _root_prefixes()
-        lan = Lan.create(base / "lan")
-        for _ in range(20):
-            if lan.prefix not in used:
-                break
-            lan.close()
-            lan = Lan.create(base / "lan")
-        self.lan = lan
-        self.a = self.lan.add_host("a")
-        self.b = self.lan.add_host("b")
-        self.root_ip = self.lan.join_root()
-        self.server = None
-        self.agents = {}
-
     def state_dir(self, host: Host) -> Path:
         return self.base / f"agent-{host.name}"
-
-    def start_agent(self, host: Host, domain: str | None = DOMAIN) -> None:
-        """Site.start_agent, but `domain=None` enrolls the host as a workgroup member."""
-        assert self.server is not None
-        state = self.state_dir(host)
-        extra: list[str] = []
-        if not (state / "host.crt").exists():
-            token_args = ["join-token", "create", host.name, "--ttl", "10m"]
-            if domain:
-                token_args += ["--domain", domain]
-            token = cli(*token_args, "--data-dir", str(self.server.data_dir)).strip()
-            extra = ["--enroll-token", token, "--enroll-server", self.server.enroll_address,
-                     "--ca-file", str(self.server.data_dir / "pki" / "ca.crt"), "--computer", host.name]
-        log = (self.base / f"agent-{host.name}.log").open("ab")
-        self.agents[host.name] = host.popen(
-            [sys.executable, "-m", "policyagent.cli", "agent", "--server", self.address, "--state-dir", str(state),
-             "--enforcer", "strongswan", "--backoff-max", "0.5", "--log-level", "info", *extra],
-            stdout=log, stderr=log,
-        )
 
     def move(self, name: str, ou: str) -> None:
         """Put computer `name` (once it has enrolled) in OU `ou`."""
@@ -145,41 +99,20 @@ def site(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
     s = LifecycleSite(tmp_path_factory.mktemp("lifecycle"))
     failed = request.session.testsfailed
     try:
-        s.start_server()
-        s.start_agent(s.a)
-        s.start_agent(s.b)
-        unplaced = {name: s.wait_applied(name) for name in ("a", "b")}  # online, nothing assigned yet
-        s.place()
-        for name, version in unplaced.items():
-            s.wait_applied(name, not_version=version)
+        s.bring_up()
         s.b.popen([sys.executable, "-c", TCP_SERVER, "5001"], stdout=subprocess.DEVNULL)
         s.a.popen([sys.executable, "-c", TCP_SERVER, "5001"], stdout=subprocess.DEVNULL)
         s.a.popen([sys.executable, "-c", TCP_SERVER, str(OTHER_PORT)], stdout=subprocess.DEVNULL)
         for host, port in ((s.b, 5001), (s.a, 5001), (s.a, OTHER_PORT)):
-            _wait_listening(host, port)
+            s.wait_listening(host, port)
         yield s
         if request.session.testsfailed > failed:
-            _dump_logs(s)
+            s.dump_logs()
     except BaseException:
-        _dump_logs(s)
+        s.dump_logs()
         raise
     finally:
         s.close()
-
-
-def _dump_logs(s: LifecycleSite) -> None:
-    for name in ("a", "b", "c"):
-        log = s.base / f"agent-{name}.log"
-        if log.exists():
-            print(f"--- agent {name} ---\n{log.read_text(errors='replace')[-6000:]}", file=sys.stderr)
-
-
-def _wait_listening(host: Host, port: int) -> None:
-    def listening() -> None:
-        out = host.run(["ss", "-Hltn", f"sport = :{port}"], check=False)
-        assert out.stdout.strip(), f"nothing listens on {port}"
-
-    wait_until(listening, f"{host.name} listens on {port}", 10)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

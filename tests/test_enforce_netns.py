@@ -117,10 +117,30 @@ def tcp(host: Host, dst: str, port: int, payload: str, timeout: float = 8.0) -> 
     return out.stdout.strip()
 
 
+def _root_prefixes() -> set[str]:
+    """The "10.77.K" prefixes the test process's own namespace already has an address in."""
+    import json
+
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=False)
+    return {
+        info.get("local", "").rsplit(".", 1)[0] for link in json.loads(out.stdout or "[]") for info in link.get("addr_info", [])
+    }
+
+
 class Site:
+    """Hosts a and b on a LAN whose subnet no other LAN of this machine uses (so modules' sites coexist),
+    the policy server in the test's own namespace, real agents in the hosts."""
+
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.lan = Lan.create(base / "lan")
+        used = _root_prefixes()
+        lan = Lan.create(base / "lan")
+        for _ in range(20):
+            if lan.prefix not in used:
+                break
+            lan.close()
+            lan = Lan.create(base / "lan")
+        self.lan = lan
         self.a = self.lan.add_host("a")
         self.b = self.lan.add_host("b")
         self.root_ip = self.lan.join_root()
@@ -145,15 +165,14 @@ class Site:
         cli("gpo", "link", "GPO-A", f"ou:{OU_A}", "-r", self.address)
         cli("gpo", "link", "GPO-B", f"ou:{OU_B}", "-r", self.address)
 
-    def start_agent(self, host: Host) -> None:
+    def start_agent(self, host: Host, domain: str | None = DOMAIN) -> None:
+        """Start `host`'s agent (enrolling it first with a join token; `domain=None`: a workgroup member)."""
         assert self.server is not None
         state = self.base / f"agent-{host.name}"
         extra: list[str] = []
         if not (state / "host.crt").exists():
-            token = cli(
-                "join-token", "create", host.name, "--ttl", "10m", "--domain", DOMAIN, "--data-dir",
-                str(self.server.data_dir),
-            ).strip()
+            token_args = ["join-token", "create", host.name, "--ttl", "10m"] + (["--domain", domain] if domain else [])
+            token = cli(*token_args, "--data-dir", str(self.server.data_dir)).strip()
             extra = ["--enroll-token", token, "--enroll-server", self.server.enroll_address,
                      "--ca-file", str(self.server.data_dir / "pki" / "ca.crt"), "--computer", host.name]
         log = (self.base / f"agent-{host.name}.log").open("ab")
@@ -223,6 +242,29 @@ class Site:
         cli("gpo", "set", gpo, "--policy", policy, "-r", self.address)
         self.wait_applied(name, not_version=before)
 
+    def bring_up(self) -> None:
+        """Server, both agents enrolled and online, then placed in their OUs and on their policies."""
+        self.start_server()
+        self.start_agent(self.a)
+        self.start_agent(self.b)
+        unplaced = {name: self.wait_applied(name) for name in ("a", "b")}  # online, nothing assigned yet
+        self.place()
+        for name, version in unplaced.items():
+            self.wait_applied(name, not_version=version)
+
+    def dump_logs(self, tail: int = 6000) -> None:
+        """Every agent's log (its end) on stderr, for a failed setup or test."""
+        for log in sorted(self.base.glob("agent-*.log")):
+            print(f"--- {log.stem} ---\n{log.read_text(errors='replace')[-tail:]}", file=sys.stderr)
+
+    @staticmethod
+    def wait_listening(host: Host, port: int) -> None:
+        def listening() -> None:
+            out = host.run(["ss", "-Hltn", f"sport = :{port}"], check=False)
+            assert out.stdout.strip(), f"nothing listens on {port}"
+
+        wait_until(listening, f"{host.name} listens on {port}", 10)
+
     def close(self) -> None:
         for proc in self.agents.values():
             proc.terminate()
@@ -240,22 +282,13 @@ class Site:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     s = Site(tmp_path_factory.mktemp("enforce"))
     try:
-        s.start_server()
-        s.start_agent(s.a)
-        s.start_agent(s.b)
-        unplaced = {name: s.wait_applied(name) for name in ("a", "b")}  # online, nothing assigned yet
-        s.place()
-        for name, version in unplaced.items():
-            s.wait_applied(name, not_version=version)
+        s.bring_up()
         s.b.popen([sys.executable, "-c", TCP_SERVER, "5001"], stdout=subprocess.DEVNULL)
         s.a.popen([sys.executable, "-c", TCP_SERVER, "5001"], stdout=subprocess.DEVNULL)
         time.sleep(0.3)
         yield s
     except BaseException:
-        for name in ("a", "b"):
-            log = s.base / f"agent-{name}.log"
-            if log.exists():
-                print(f"--- agent {name} ---\n{log.read_text(errors='replace')[-6000:]}", file=sys.stderr)
+        s.dump_logs()
         raise
     finally:
         s.close()

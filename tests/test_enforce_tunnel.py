@@ -20,12 +20,11 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import start_server_process
-from netns import Host, Lan, tshark_lines
+from netns import Host, tshark_lines
 from test_enforce_netns import (
     OU_A,
     OU_B,
@@ -74,16 +73,6 @@ except OSError as e:
 """
 
 
-def _root_prefixes() -> set[str]:
-    """The "10.77.K" prefixes the test process's own namespace already has an address in."""
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=False)
-    return {
-        info.get("local", "").rsplit(".", 1)[0]
-        for link in json.loads(out.stdout or "[]")
-        for info in link.get("addr_info", [])
-    }
-
-
 def _filters(src: str, dst: str) -> str:
     net, _, bits = src.partition("/")
     dnet, _, dbits = dst.partition("/")
@@ -93,22 +82,6 @@ def _filters(src: str, dst: str) -> str:
 class TunnelSite(Site):
     """test_enforce_netns.Site on a subnet of its own, with the tunnel policies instead of the defaults and
     the hosts' networks on their loopbacks."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        used = _root_prefixes()
-        lan = Lan.create(base / "lan")
-        for _ in range(20):
-            if lan.prefix not in used:
-                break
-            lan.close()
-            lan = Lan.create(base / "lan")
-        self.lan = lan
-        self.a = self.lan.add_host("a")
-        self.b = self.lan.add_host("b")
-        self.root_ip = self.lan.join_root()
-        self.server = None
-        self.agents = {}
 
     def networks(self) -> None:
         a, b = self.a, self.b
@@ -168,35 +141,17 @@ def site(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
     failed = request.session.testsfailed
     try:
         s.networks()
-        s.start_server()
-        s.start_agent(s.a)
-        s.start_agent(s.b)
-        unplaced = {name: s.wait_applied(name) for name in ("a", "b")}  # online, nothing assigned yet
-        s.place()
-        for name, version in unplaced.items():
-            s.wait_applied(name, not_version=version)
+        s.bring_up()
         s.b.popen([sys.executable, "-c", TCP_SERVER, str(PORT)], stdout=subprocess.DEVNULL)
-        wait_until(lambda: _listening(s.b, PORT), f"b listens on {PORT}", 10)
+        s.wait_listening(s.b, PORT)
         yield s
         if request.session.testsfailed > failed:
-            _dump_logs(s)
+            s.dump_logs(8000)
     except BaseException:
-        _dump_logs(s)
+        s.dump_logs(8000)
         raise
     finally:
         s.close()
-
-
-def _dump_logs(s: TunnelSite) -> None:
-    for name in ("a", "b"):
-        log = s.base / f"agent-{name}.log"
-        if log.exists():
-            print(f"--- agent {name} ---\n{log.read_text(errors='replace')[-8000:]}", file=sys.stderr)
-
-
-def _listening(host: Host, port: int) -> None:
-    out = host.run(["ss", "-Hltn", f"sport = :{port}"], check=False)
-    assert out.stdout.strip(), f"nothing listens on {port}"
 
 
 # ---------------------------------------------------------------------------------------------- helpers

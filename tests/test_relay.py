@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from distkit import FakeEffective, HubServer, Pki, agent_config, simple_policy, until
+from distkit import FakeEffective, HubServer, Pki, agent_config, simple_policy, state_credentials, until
 from grpc import aio
 
 from clients.ipsecmon.main import main as ipsecmon_main
@@ -37,21 +36,6 @@ def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki.create(tmp_path)
-
-
-def _credentials(state: Path, cert: str = "host.crt", key: str = "host.key") -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials((state / "ca.crt").read_bytes(), (state / key).read_bytes(), (state / cert).read_bytes())
-
-
-def admin_dir(pki: Pki) -> Path:
-    """An admin certificate directory as `policyagent admin-cert issue` writes it."""
-    state, _ = pki.agent_dir("admin1", role="admin")
-    out = pki.dir / "admin-cli"
-    out.mkdir(exist_ok=True)
-    shutil.copy(state / "host.crt", out / "admin.crt")
-    shutil.copy(state / "host.key", out / "admin.key")
-    shutil.copy(state / "ca.crt", out / "ca.crt")
-    return out
 
 
 def _agent(pki: Pki, name: str, address: str) -> AgentDaemon:
@@ -133,12 +117,12 @@ def test_relayed_calls_read_and_change_the_agent_and_errors_are_statuses(tmp_pat
         address = await hub.start()
         agent = _agent(pki, "pc1", address)
         await agent.start()
-        certs = admin_dir(pki)
+        certs = pki.admin_cert_dir()
         stopped = False
         try:
             assert hub.hub is not None
             await until(lambda: "pc1" in hub.hub.connected() and agent.status().connection == "in sync", what="pc1 in sync")
-            async with aio.secure_channel(address, _credentials(certs, "admin.crt", "admin.key")) as channel:
+            async with aio.secure_channel(address, state_credentials(certs, "admin.crt", "admin.key")) as channel:
                 relay = Relay(channel)
                 status = await relay.call("PC1", "GetStatus", agent_pb.LocalStatusRequest(), agent_pb.LocalStatus)
                 assert (status.computer, status.connection, status.enforcer.split(":")[0]) == ("pc1", "in sync", "record-only")
@@ -211,7 +195,7 @@ def test_deadline_disconnect_mid_call_and_an_agent_without_relay(tmp_path: Path,
         address = await hub.start()
         agent = _agent(pki, "pc1", address)
         await agent.start()
-        certs = admin_dir(pki)
+        certs = pki.admin_cert_dir()
         released = asyncio.Event()
 
         async def slow_status(request: Any, context: Any) -> agent_pb.LocalStatus:
@@ -222,7 +206,7 @@ def test_deadline_disconnect_mid_call_and_an_agent_without_relay(tmp_path: Path,
             assert hub.hub is not None
             await until(lambda: "pc1" in hub.hub.connected(), what="pc1 connected")
             agent.local_api.GetStatus = slow_status  # type: ignore[method-assign]
-            async with aio.secure_channel(address, _credentials(certs, "admin.crt", "admin.key")) as channel:
+            async with aio.secure_channel(address, state_credentials(certs, "admin.crt", "admin.key")) as channel:
                 relay = Relay(channel)
                 hub.hub.relay_timeout_s = 0.3
                 details = await relay.fails("pc1", "GetStatus", agent_pb.LocalStatusRequest(), grpc.StatusCode.DEADLINE_EXCEEDED, "server")
@@ -239,7 +223,7 @@ def test_deadline_disconnect_mid_call_and_an_agent_without_relay(tmp_path: Path,
 
                 # an agent whose Hello does not offer "relay" (older than the server) is not sent RelayCalls
                 state, _ = pki.agent_dir("old")
-                async with aio.secure_channel(address, _credentials(state)) as old_channel:
+                async with aio.secure_channel(address, state_credentials(state)) as old_channel:
                     stream = dist_grpc.DistributionStub(old_channel).Stream()
                     await stream.write(dist_pb.AgentMessage(hello=dist_pb.Hello(computer="old", agent_version="0.9")))
                     first = await stream.read()
@@ -265,7 +249,7 @@ def test_an_agent_certificate_cannot_call_agent_relay(tmp_path: Path, pki: Pki) 
         address = await hub.start()
         state, _ = pki.agent_dir("pc1")
         try:
-            async with aio.secure_channel(address, _credentials(state)) as channel:
+            async with aio.secure_channel(address, state_credentials(state)) as channel:
                 with pytest.raises(aio.AioRpcError) as info:
                     await relay_grpc.AgentRelayStub(channel).Call(relay_pb.RelayRequest(computer="pc1", method="GetStatus"))
                 assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -323,7 +307,7 @@ def test_netsh_and_ipsecmon_through_the_server(tmp_path: Path, pki: Pki, capsys:
         address = await hub.start()
         agent = _agent(pki, "pc1", address)
         await agent.start()
-        certs = str(admin_dir(pki))
+        certs = str(pki.admin_cert_dir())
 
         def netsh(*words: str, code: int = 0) -> str:
             capsys.readouterr()

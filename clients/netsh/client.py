@@ -62,6 +62,22 @@ def user_name() -> str:
         return f"uid{os.getuid()}"
 
 
+def open_admin_channel(
+    target: str, cert_dir: str | None, certificate: ClientCertificate | None, server_name: str = ""
+) -> tuple[grpc.Channel, ClientCertificate]:
+    """An mTLS channel to the policy server with an admin certificate (found as documented when not given);
+    NoAdminCertificate says where it was looked for."""
+    if certificate is None:
+        try:
+            certificate = find_admin_certificate(cert_dir)
+        except NoCertificate as exc:
+            raise NoAdminCertificate(str(exc)) from None
+    options: list[tuple[str, str | int]] = [*GRPC_MESSAGE_OPTIONS, *tls_options(target)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, certificate.channel_credentials(), options=options), certificate
+
+
 class AdminClient:
     """A synchronous PolicyAdmin client; every call carries the user's name for the change log."""
 
@@ -85,16 +101,7 @@ class AdminClient:
     def _stub(self) -> admin_grpc.PolicyAdminStub:
         # Connect on first use: commands that only print help need no certificate.
         if self._stub_ is None:
-            if self._certificate is None:
-                try:
-                    self._certificate = find_admin_certificate(self._cert_dir)
-                except NoCertificate as exc:
-                    raise NoAdminCertificate(str(exc)) from None
-            self._channel = grpc.secure_channel(
-                self.target,
-                self._certificate.channel_credentials(),
-                options=[*GRPC_MESSAGE_OPTIONS, *tls_options(self.target)],
-            )
+            self._channel, self._certificate = open_admin_channel(self.target, self._cert_dir, self._certificate)
             self._stub_ = admin_grpc.PolicyAdminStub(self._channel)
         return self._stub_
 

@@ -43,11 +43,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from clients.netsh import addresses, helptext
-from clients.netsh.client import USER_METADATA_KEY, server_target, user_name
+from clients.netsh.client import USER_METADATA_KEY, open_admin_channel, server_target, user_name
 from clients.netsh.commands import CONNECTION_TYPES, auth_methods, build_filters
 from clients.netsh.errors import (
     CommandError,
-    NoAdminCertificate,
     ServerRefusedCertificate,
     ServerUnreachable,
     UsageError,
@@ -71,7 +70,7 @@ from policyagent.model.validate import (
 )
 from policyagent.model.view import ContentsView
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, agent_grpc, agent_pb, pb, relay_grpc, relay_pb
-from policyagent.pki.tls import ClientCertificate, NoCertificate, find_admin_certificate, tls_options
+from policyagent.pki.tls import ClientCertificate
 
 SOCKET_ENV = "POLICYAGENT_AGENT_SOCKET"
 DEFAULT_SOCKET = f"{DEFAULT_STATE_DIR}/{SOCKET_FILE}"
@@ -270,15 +269,9 @@ class RelayClient(AgentApi):
     @property
     def _stub(self) -> relay_grpc.AgentRelayStub:
         if self._stub_ is None:
-            if self._certificate is None:
-                try:
-                    self._certificate = find_admin_certificate(self._cert_dir)
-                except NoCertificate as exc:
-                    raise NoAdminCertificate(str(exc)) from None
-            options: list[tuple[str, str | int]] = [*GRPC_MESSAGE_OPTIONS, *tls_options(self.target)]
-            if self._server_name:
-                options.append(("grpc.ssl_target_name_override", self._server_name))
-            self._channel = grpc.secure_channel(self.target, self._certificate.channel_credentials(), options=options)
+            self._channel, self._certificate = open_admin_channel(
+                self.target, self._cert_dir, self._certificate, self._server_name
+            )
             self._stub_ = relay_grpc.AgentRelayStub(self._channel)
         return self._stub_
 
