@@ -1,0 +1,1 @@
+"""Active Directory storage of IPsec policy ([MS-GPIPSEC])."""
