@@ -58,11 +58,7 @@ OTHER_PORT = 5002
 
 
 class LifecycleSite(Site):
-    """test_enforce_netns.Site on a LAN whose subnet no other LAN of this machine uses (its own namespaces and
-    subnet: the two modules' sites coexist), and agents that may enroll as workgroup members."""
-
-    def state_dir(self, host: Host) -> Path:
-        return self.base / f"agent-{host.name}"
+    """test_enforce_netns.Site with helpers to move computers and read the charon of a host."""
 
     def move(self, name: str, ou: str) -> None:
         """Put computer `name` (once it has enrolled) in OU `ou`."""
@@ -81,9 +77,6 @@ class LifecycleSite(Site):
                 ),
                 timeout=RPC_TIMEOUT_S,
             )
-
-    def charon_vici(self, host: Host) -> Path:
-        return self.state_dir(host) / "charon" / "charon.vici"
 
     def charon_pid(self, host: Host) -> int:
         return int((self.state_dir(host) / "charon" / "charon.pid").read_text().strip())

@@ -168,7 +168,7 @@ class Site:
     def start_agent(self, host: Host, domain: str | None = DOMAIN) -> None:
         """Start `host`'s agent (enrolling it first with a join token; `domain=None`: a workgroup member)."""
         assert self.server is not None
-        state = self.base / f"agent-{host.name}"
+        state = self.state_dir(host)
         extra: list[str] = []
         if not (state / "host.crt").exists():
             token_args = ["join-token", "create", host.name, "--ttl", "10m"] + (["--domain", domain] if domain else [])
@@ -252,6 +252,18 @@ class Site:
         for name, version in unplaced.items():
             self.wait_applied(name, not_version=version)
 
+    def state_dir(self, host: Host) -> Path:
+        return self.base / f"agent-{host.name}"
+
+    def charon_vici(self, host: Host) -> Path:
+        return self.state_dir(host) / "charon" / "charon.vici"
+
+    def local(self, host: Host) -> agent_grpc.AgentLocalStub:
+        """The AgentLocal API on `host`'s agent socket."""
+        import grpc
+
+        return agent_grpc.AgentLocalStub(grpc.insecure_channel(f"unix:{self.state_dir(host) / 'agent.sock'}"))
+
     def dump_logs(self, tail: int = 6000) -> None:
         """Every agent's log (its end) on stderr, for a failed setup or test."""
         for log in sorted(self.base.glob("agent-*.log")):
@@ -313,18 +325,11 @@ def test_secure_server_and_respond_only_client_talk_only_through_esp(site: Site)
     assert clear_icmp_after == [], clear_icmp_after
 
 
-def _local(site: Site, host: Host) -> agent_grpc.AgentLocalStub:
-    import grpc
-
-    channel = grpc.insecure_channel(f"unix:{site.base / f'agent-{host.name}' / 'agent.sock'}")
-    return agent_grpc.AgentLocalStub(channel)
-
-
 def test_the_agent_reports_monitor_counters_sas_filters_and_audit_events(site: Site) -> None:
     a, b = site.a, site.b
     out = tcp(a, b.ip, 5001, "monitored")
     assert out.startswith("OK"), out
-    stub = _local(site, b)
+    stub = site.local(b)
     stats = stub.GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
     qm = {c.key: c.value for c in stats.quick_mode}
     mm = {c.key: c.value for c in stats.main_mode}
@@ -397,7 +402,7 @@ def _remote_ids(host: Host, site: Site) -> set[str]:
     from policyagent.agent.enforce.charon import ViciSession
 
     ids = set()
-    with ViciSession(site.base / f"agent-{host.name}" / "charon" / "charon.vici", 10) as session:
+    with ViciSession(site.charon_vici(host), 10) as session:
         for sa in session.list_sas():
             for ike in sa.values():
                 ids.add(ike["remote-id"].decode())
@@ -449,7 +454,7 @@ def test_dynamic_mode_rules_apply_at_once_and_vanish_with_the_agent(site: Site) 
 
     a, b = site.a, site.b
     assert tcp(a, b.ip, 5001, "before-dynamic").startswith("OK")
-    stub = _local(site, b)
+    stub = site.local(b)
     mm = agent_pb.DynamicMmPolicy(
         name="mm-block",
         methods=[pb.MainModeMethod(encryption=pb.CIPHER_AES128, integrity=pb.INTEGRITY_SHA256, dh_group=pb.DH_GROUP_MODP2048)],
@@ -475,7 +480,7 @@ def test_dynamic_mode_rules_apply_at_once_and_vanish_with_the_agent(site: Site) 
     site.start_agent(b)
     wait_until(lambda: _online(site, "b"), "b back online")
     assert site.wait_applied("b") == before
-    stub = _local(site, b)
+    stub = site.local(b)
     state = stub.GetDynamic(agent_pb.DynamicRequest(), timeout=10)
     assert not state.rules and not state.mm_policies
     stats = stub.GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
@@ -491,12 +496,12 @@ def test_ikev2_as_a_policy_option(site: Site) -> None:
     netsh(site.address, f'ipsec static set policy name="{SECURE}" ikeversion=2')
     try:
         site.wait_applied("b", not_version=before)
-        with ViciSession(site.base / "agent-b" / "charon" / "charon.vici", 10) as session:
+        with ViciSession(site.charon_vici(site.b), 10) as session:
             for sa in session.list_sas():  # the v1 SAs of the earlier tests were closed with the change
                 assert all(ike["version"].decode() == "2" for ike in sa.values()), sa
         out = tcp(a, b.ip, 5001, "over-ikev2")
         assert out.startswith("OK"), out
-        with ViciSession(site.base / "agent-b" / "charon" / "charon.vici", 10) as session:
+        with ViciSession(site.charon_vici(site.b), 10) as session:
             versions = {ike["version"].decode() for sa in session.list_sas() for ike in sa.values()}
         assert versions == {"2"}, versions
     finally:
@@ -506,7 +511,7 @@ def test_ikev2_as_a_policy_option(site: Site) -> None:
 
 
 def _events(site: Site, host: Host, ids: list[int], since: int) -> list[agent_pb.AuditEvent]:
-    return list(_local(site, host).ListAuditEvents(agent_pb.AuditEventsRequest(ids=ids, since_unix_ms=since), timeout=10).events)
+    return list(site.local(host).ListAuditEvents(agent_pb.AuditEventsRequest(ids=ids, since_unix_ms=since), timeout=10).events)
 
 
 def _wait_events(site: Site, host: Host, ids: list[int], since: int, what: str) -> list[agent_pb.AuditEvent]:
@@ -519,7 +524,7 @@ def _wait_events(site: Site, host: Host, ids: list[int], since: int, what: str) 
 
 
 def _counter(site: Site, host: Host, key: str) -> int:
-    stats = _local(site, host).GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
+    stats = site.local(host).GetStatistics(agent_pb.StatisticsRequest(), timeout=10)
     return {c.key: c.value for c in [*stats.main_mode, *stats.quick_mode]}[key]
 
 

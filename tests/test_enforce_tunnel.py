@@ -37,7 +37,7 @@ from test_enforce_netns import (
 )
 from test_enforce_netns import pytestmark as _netns_marks
 
-from policyagent.pb import agent_grpc, agent_pb
+from policyagent.pb import agent_pb
 
 pytestmark = _netns_marks  # slow; skipped where strongSwan enforcement cannot run
 
@@ -125,14 +125,8 @@ class TunnelSite(Site):
     def vici_sas(self, host: Host) -> list[dict[str, Any]]:
         from policyagent.agent.enforce.charon import ViciSession
 
-        with ViciSession(self.base / f"agent-{host.name}" / "charon" / "charon.vici", 5.0) as session:
+        with ViciSession(self.charon_vici(host), 5.0) as session:
             return list(session.list_sas())
-
-    def local(self, host: Host) -> agent_grpc.AgentLocalStub:
-        import grpc
-
-        channel = grpc.insecure_channel(f"unix:{self.base / f'agent-{host.name}' / 'agent.sock'}")
-        return agent_grpc.AgentLocalStub(channel)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -268,6 +268,42 @@ def socket_path(args: argparse.Namespace) -> str:
     return agent_socket(None)
 
 
+class _Stop(Exception):
+    """Raised by a frame function: stop refreshing with this exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def repeat(args: argparse.Namespace, out: TextIO, frame: Callable[[int, bool], str | None]) -> int:
+    """Print `frame(done, live)` now and every --interval seconds (once with --once, --count times with
+    --count): redrawn in place on a terminal, appended otherwise. A frame of None prints nothing; a frame
+    may raise _Stop(code)."""
+    count = 1 if args.once else args.count
+    live = count != 1
+    redraw = out.isatty() and live and not args.json
+    done = 0
+    try:
+        while True:
+            try:
+                text = frame(done, live)
+            except _Stop as stop:
+                return stop.code
+            if text is not None:
+                if redraw:
+                    out.write(CLEAR + _fit(text, shutil.get_terminal_size().columns))
+                else:
+                    out.write(("\n" if done and not args.json else "") + text)
+                out.flush()
+            done += 1
+            if count is not None and done >= count:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def run_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """The fleet view: `policyagent fleet stats` refreshed every --interval seconds."""
     import io
@@ -278,39 +314,26 @@ def run_fleet(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from policyagent.pb import fleet_grpc, fleet_pb
     from policyagent.server.fleetcmd import channel, render_stats
 
-    count = 1 if args.once else args.count
-    live = count != 1
-    done = 0
     with channel(args) as chan:
         stub = fleet_grpc.FleetStub(chan)
-        try:
-            while True:
-                try:
-                    stats = stub.GetStatistics(fleet_pb.FleetStatisticsRequest(computers=args.computers), timeout=30)
-                except grpc.RpcError as exc:
-                    err.write(f"ipsecmon: fleet statistics from {args.server}: {exc.details() or exc.code().name}\n")
-                    if done == 0 or not live:
-                        return 1
-                else:
-                    if args.json:
-                        text = json.dumps(json_format.MessageToDict(stats), indent=None if live else 2) + "\n"
-                    else:
-                        buf = io.StringIO()
-                        stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-                        buf.write(f"IP Security Monitor (fleet, {args.server})    {stamp}\n\n")
-                        render_stats(stats, buf)
-                        text = buf.getvalue()
-                    if out.isatty() and live and not args.json:
-                        out.write(CLEAR + _fit(text, shutil.get_terminal_size().columns))
-                    else:
-                        out.write(("\n" if done and not args.json else "") + text)
-                    out.flush()
-                done += 1
-                if count is not None and done >= count:
-                    return 0
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 0
+
+        def frame(done: int, live: bool) -> str | None:
+            try:
+                stats = stub.GetStatistics(fleet_pb.FleetStatisticsRequest(computers=args.computers), timeout=30)
+            except grpc.RpcError as exc:
+                err.write(f"ipsecmon: fleet statistics from {args.server}: {exc.details() or exc.code().name}\n")
+                if done == 0 or not live:
+                    raise _Stop(1) from None
+                return None
+            if args.json:
+                return json.dumps(json_format.MessageToDict(stats), indent=None if live else 2) + "\n"
+            buf = io.StringIO()
+            stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+            buf.write(f"IP Security Monitor (fleet, {args.server})    {stamp}\n\n")
+            render_stats(stats, buf)
+            return buf.getvalue()
+
+        return repeat(args, out, frame)
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -322,39 +345,25 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         client = AgentClient(socket_path(args))
     monitor = Monitor(client)
-    tty = out.isatty()
-    count = 1 if args.once else args.count
-    live = count != 1
-    done = 0
+
+    def frame(done: int, live: bool) -> str:
+        try:
+            snap = monitor.refresh()
+        except PolicyError as exc:
+            if done == 0 or not live:
+                err.write(f"ipsecmon: {' '.join(exc.message.split())}\n")
+                raise _Stop(1) from None
+            # The agent went away (a restart?): say so and keep trying.
+            if args.json:
+                return json.dumps({"time_unix_ms": int(time.time() * 1000), "error": exc.message}) + "\n"
+            stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+            return f"IP Security Monitor    {stamp}\n\nThe agent does not answer: {exc.message}\n"
+        if args.json:
+            return json.dumps(snapshot_dict(snap), indent=None if live else 2) + "\n"
+        return render(snap, interval=args.interval if live else None)
+
     try:
-        while True:
-            try:
-                snap = monitor.refresh()
-            except PolicyError as exc:
-                if done == 0 or not live:
-                    err.write(f"ipsecmon: {' '.join(exc.message.split())}\n")
-                    return 1
-                # The agent went away (a restart?): say so and keep trying.
-                stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-                text = f"IP Security Monitor    {stamp}\n\nThe agent does not answer: {exc.message}\n"
-                if args.json:
-                    text = json.dumps({"time_unix_ms": int(time.time() * 1000), "error": exc.message}) + "\n"
-            else:
-                if args.json:
-                    text = json.dumps(snapshot_dict(snap), indent=None if live else 2) + "\n"
-                else:
-                    text = render(snap, interval=args.interval if live else None)
-            if tty and live and not args.json:
-                out.write(CLEAR + _fit(text, shutil.get_terminal_size().columns))
-            else:
-                out.write(("\n" if done and not args.json else "") + text)
-            out.flush()
-            done += 1
-            if count is not None and done >= count:
-                return 0
-            time.sleep(args.interval)
-    except KeyboardInterrupt:
-        return 0
+        return repeat(args, out, frame)
     finally:
         client.close()
 

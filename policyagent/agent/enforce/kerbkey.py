@@ -304,6 +304,12 @@ class PairKeyTable:
         with self._lock:
             return [k for k in self._keys.values() if now >= k.renew_at(margin_s)]
 
+    def valid(self, now: float) -> list[PairKey]:
+        """The keys not yet expired (expired ones are dropped)."""
+        self.drop_expired(now)
+        with self._lock:
+            return list(self._keys.values())
+
     def drop_expired(self, now: float) -> list[PairKey]:
         with self._lock:
             gone = [k for k in self._keys.values() if k.expired(now)]

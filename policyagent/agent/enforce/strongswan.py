@@ -134,12 +134,6 @@ def _child_for(conn: Connection, local: str, peer: str) -> str:
     return next(iter(children))
 
 
-def _close(session: Any) -> None:
-    """vici.Session has no close(): close its transport's socket."""
-    with contextlib.suppress(Exception):
-        session.transport.close()
-
-
 @dataclass(frozen=True)
 class KerberosSetup:
     """What the Kerberos keying exchange needs: this host's keytab and host principal (host/FQDN[@REALM]),
@@ -244,6 +238,7 @@ class StrongSwanEnforcer:
         self.dynamic: tuple[dist_pb.EffectivePolicy, ...] = ()  # dynamic-mode rules, as pseudo policies
         self.crl_check = "1"  # netsh ipsec dynamic set config strongcrlcheck
         self.exempt_level = "3"  # netsh ipsec dynamic set config ipsecexempt
+        self._key_pem = b""  # this host's private key as the last compile read it (a secret: never logged)
         self._key_loaded = ""  # digest of the private key charon holds
 
     # ------------------------------------------------------------------ lifecycle
@@ -312,11 +307,8 @@ class StrongSwanEnforcer:
         ]
 
     def security_associations(self) -> agent_pb.SecurityAssociations:
-        session = self.charon.session()
-        try:
+        with self.charon.session() as session:
             out = views.security_associations(session.list_sas())
-        finally:
-            _close(session)
         for sa in out.main_mode:  # how this host authenticates the connection (list-sas does not say)
             conn = self.conns.get(sa.connection)
             if conn is not None:
@@ -362,7 +354,7 @@ class StrongSwanEnforcer:
 
     def _compile(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> Desired:
         self.local_addresses = self._addresses()
-        self.identity, _key = read_identity(self.state_dir)
+        self.identity, self._key_pem = read_identity(self.state_dir)
         return compile_policy(
             CompileInput(
                 policy=policy,
@@ -380,13 +372,13 @@ class StrongSwanEnforcer:
         )
 
     def _load_key(self, session: Any) -> None:
-        """Give charon this host's private key (again after a restart or a re-enrollment)."""
-        _identity, key = read_identity(self.state_dir)
-        if not key:
+        """Give charon this host's private key, as the last compile read it (again after a restart or a
+        re-enrollment)."""
+        if not self._key_pem:
             return
-        digest = hashlib.sha256(key).hexdigest()
+        digest = hashlib.sha256(self._key_pem).hexdigest()
         if digest != self._key_loaded:
-            session.load_key({"type": "any", "data": key.decode()})
+            session.load_key({"type": "any", "data": self._key_pem.decode()})
             self._key_loaded = digest
 
     def check(self, policy: dist_pb.EffectivePolicy, facts: HostFacts) -> list[str]:
@@ -471,8 +463,7 @@ class StrongSwanEnforcer:
 
     def _converge(self, want: dict[str, Connection], secrets: dict[str, Secret], filters: nft.Filters | None) -> None:
         """Make charon and nft hold exactly `want`, `secrets` and `filters` (None: leave the filter table as it is)."""
-        session = self.charon.session()
-        try:
+        with self.charon.session() as session:
             self._load_key(session)
             for name, secret in secrets.items():
                 if name in self.secrets and self.secrets[name].digest == secret.digest:
@@ -497,8 +488,6 @@ class StrongSwanEnforcer:
             if filters is not None and filters != self.nft_filters:
                 self.filters.apply(*filters)
                 self.nft_filters = filters
-        finally:
-            _close(session)
 
     @staticmethod
     def _terminate(session: Any, name: str, child: str = "") -> None:
@@ -560,11 +549,6 @@ class StrongSwanEnforcer:
             target=self._negotiate, args=(conn, entry, dst, src), name=f"negotiate-{dst}", daemon=True
         ).start()
 
-    def _live_pair_keys(self) -> list[PairKey]:
-        now = time.time()
-        self._pair_keys.drop_expired(now)
-        return self._pair_keys.due(now, margin_s=float("inf"))  # every key still valid
-
     def _negotiate(self, conn: Connection, entry: FilterEntry | None, peer: str, local: str) -> None:
         key = (conn.name, peer)
         try:
@@ -572,25 +556,23 @@ class StrongSwanEnforcer:
                 inst = instantiate(conn, peer, local) if conn.template else conn
                 if not inst.body.get("children"):
                     return
-                session = self.charon.session()
-                try:
-                    if self.conns.get(inst.name) is None or self.conns[inst.name].digest != inst.digest:
+                if self.conns.get(inst.name) is None or self.conns[inst.name].digest != inst.digest:
+                    with self.charon.session() as session:
                         session.load_conn({inst.name: inst.body})
-                        self.conns[inst.name] = inst
-                        if conn.template:
-                            self.instances[inst.name] = (conn.name, peer)
-                finally:
-                    _close(session)
+                    self.conns[inst.name] = inst
+                    if conn.template:
+                        self.instances[inst.name] = (conn.name, peer)
             child = _child_for(inst, local, peer)
             self.stats.negotiations_started += 1
             self.monitor.acquire_started()
             started = time.monotonic()
-            session = self.charon.session(timeout=30)
             try:
                 if inst.kerberos:
                     self._ensure_pair_key(peer, local)
-                for _ in session.initiate({"child": child, "ike": inst.name, "timeout": "15000", "init-limits": "no"}):
-                    pass
+                with self.charon.session(timeout=30) as session:
+                    request = {"child": child, "ike": inst.name, "timeout": "15000", "init-limits": "no"}
+                    for _ in session.initiate(request):
+                        pass
                 self.stats.negotiations_succeeded += 1
                 self.monitor.acquire_finished(True)
                 _log.info(
@@ -600,8 +582,6 @@ class StrongSwanEnforcer:
             except Exception as exc:
                 self.monitor.acquire_finished(False)
                 self._negotiation_failed(entry, inst, peer, str(exc))
-            finally:
-                _close(session)
         finally:
             with self._lock:
                 self._inflight.discard(key)
@@ -634,8 +614,7 @@ class StrongSwanEnforcer:
             self._load_pair_key(pair)
 
     def _load_pair_key(self, pair: PairKey) -> None:
-        session = self.charon.session()
-        try:
+        with self.charon.session() as session:
             session.load_shared(
                 {
                     "id": f"kerberos-{pair.peer_ip}",
@@ -644,8 +623,6 @@ class StrongSwanEnforcer:
                     "owners": [pair.local_ip, pair.peer_ip],
                 }
             )
-        finally:
-            _close(session)
         _log.info(
             "Kerberos-keyed IKE secret loaded for %s (%s), key %s", pair.peer_ip, pair.peer_principal, pair.key_id
         )
@@ -685,7 +662,7 @@ class StrongSwanEnforcer:
                 secrets = {s.name: s for s in self.desired.secrets}
                 # self.instances is kept: the per-peer connections are loaded again with the rest
                 self._converge(self._wanted(self.desired), secrets, self.nft_filters)
-                for pair in self._live_pair_keys():
+                for pair in self._pair_keys.valid(time.time()):
                     self._load_pair_key(pair)
                 again = [(self.conns[n], peer) for n, (_t, peer) in self.instances.items() if n in self.conns]
             except Exception:
