@@ -385,8 +385,22 @@ def test_filter_action_mapping() -> None:
     decoded = g.decode_negotiation_policy(g.encode_negotiation_policy(data))
     assert g.to_model_filter_action(decoded, action) == combined
 
-    with pytest.raises(g.GpIpsecError, match="fallback"):
-        g.from_model_filter_action(pb.FilterAction(action=pb.ACTION_TYPE_NEGOTIATE, fallback_to_clear=True))
+    # fallback to clear ("soft"): a last offer without algorithms (ref §2.4 [OPEN]; our hypothesis, [INF])
+    soft = pb.FilterAction(action=pb.ACTION_TYPE_NEGOTIATE, fallback_to_clear=True)
+    soft.methods.add(esp=pb.EspTransform(encryption=pb.CIPHER_3DES, integrity=pb.INTEGRITY_SHA1))
+    data, action = g.from_model_filter_action(soft)
+    assert action == g.ACTION_SECURE and data.security_offers[-1] == g.SecurityOffer(())
+    encoded = g.encode_negotiation_policy(data)
+    assert len(encoded) == 24 + 2 * 80 + 1
+    assert g.to_model_filter_action(g.decode_negotiation_policy(encoded), action) == soft
+    misplaced = g.IpsecNegotiationPolicyData((g.SecurityOffer(()), *data.security_offers[:1]))
+    with pytest.raises(g.GpIpsecError, match="must be the last one"):
+        g.to_model_filter_action(misplaced, g.ACTION_SECURE)
+    for flag in ("inbound_passthrough", "fallback_to_clear", "session_key_pfs"):
+        with pytest.raises(g.GpIpsecError, match=flag):
+            g.from_model_filter_action(pb.FilterAction(action=pb.ACTION_TYPE_BLOCK, **{flag: True}))
+    with pytest.raises(g.GpIpsecError, match="session_key_pfs needs"):
+        g.from_model_filter_action(pb.FilterAction(action=pb.ACTION_TYPE_NEGOTIATE, session_key_pfs=True))
     aes = pb.FilterAction(action=pb.ACTION_TYPE_NEGOTIATE)
     aes.methods.add(esp=pb.EspTransform(encryption=pb.CIPHER_AES128, integrity=pb.INTEGRITY_SHA1))
     with pytest.raises(g.GpIpsecError, match="ESP"):
@@ -418,3 +432,65 @@ def test_isakmp_mapping() -> None:
     aes.methods.add(encryption=pb.CIPHER_AES256, integrity=pb.INTEGRITY_SHA1, dh_group=pb.DH_GROUP_MODP2048)
     with pytest.raises(g.GpIpsecError):
         g.from_model_isakmp(aes)
+
+
+def test_rule_mapping() -> None:
+    rule = pb.Rule(
+        id="{X}",
+        name="r",
+        auth_methods=[
+            pb.AuthMethod(kerberos=pb.KerberosAuth()),
+            pb.AuthMethod(preshared_key=pb.PresharedKeyAuth(key="k\u00e9y")),
+            pb.AuthMethod(certificate=pb.CertificateAuth(root_ca="CN=Root", exclude_ca_name=True)),
+        ],
+        tunnel_endpoint="192.0.2.1",
+        connection_type=pb.CONNECTION_TYPE_REMOTE_ACCESS,
+        active=True,
+    )
+    nfa = g.from_model_rule(rule)
+    assert [(m.auth_type, m.data) for m in nfa.auth_methods] == [
+        (5, b"\x00\x00"),
+        (1, "k\u00e9y\x00".encode("utf-16-le")),
+        (3, "CN=Root\x00".encode("utf-16-le")),
+    ]
+    assert nfa.alt_auth == g.AltAuth(
+        (g.AuthMethodEntry(5, b""), nfa.auth_methods[1], nfa.auth_methods[2]), (0, 0, g.CERT_FLAG_EXCLUDE_CA_NAME)
+    )
+    assert (nfa.interface_type, str(nfa.tunnel_address), nfa.is_tunnel_specifier) == (0xFFFFFFFF, "192.0.2.1", 1)
+    back = g.to_model_rule(g.decode_nfa(g.encode_nfa(nfa)), id="{X}", name="r")
+    assert back == rule
+    # the Set A Kerberos NFA: all connections, inactive default-response shape
+    kerberos = g.decode_nfa(blob("ipsecNFA{57c1533e-02ee-4ca2-9bc2-69e4b6aaaba2}"))
+    r = g.to_model_rule(kerberos)
+    assert r.connection_type == pb.CONNECTION_TYPE_ALL and not r.active and r.auth_methods[0].HasField("kerberos")
+    assert g.encode_nfa(g.from_model_rule(r)) == blob("ipsecNFA{57c1533e-02ee-4ca2-9bc2-69e4b6aaaba2}")
+    with pytest.raises(g.GpIpsecError, match="Tunnel-End-Point-Name"):
+        g.to_model_rule(g.IpsecNfaData((), tunnel_end_point_name="gw.example"))
+    with pytest.raises(g.GpIpsecError, match="unknown Auth-Type 9"):
+        g.to_model_rule(g.IpsecNfaData((g.AuthMethodEntry(9, b""),)))
+    with pytest.raises(g.GpIpsecError, match=r"0\.0\.0\.0"):
+        g.from_model_rule(pb.Rule(tunnel_endpoint="0.0.0.0", connection_type=pb.CONNECTION_TYPE_ALL))
+
+
+def test_default_response_rule_and_policy_mapping() -> None:
+    negpol_rdn = "ipsecNegotiationPolicy{ab61c8e1-10e8-4207-b84d-681caa72b848}"
+    nfa = g.decode_nfa(blob("ipsecNFA{57c1533e-02ee-4ca2-9bc2-69e4b6aaaba2}"))
+    negpol = g.decode_negotiation_policy(blob(negpol_rdn))
+    drr = g.to_model_default_response_rule(nfa, negpol, g.ACTION_SECURE, id="{D}")
+    assert not drr.active and len(drr.methods) == 2 and drr.auth_methods[0].HasField("kerberos")
+    nfa2, negpol2 = g.from_model_default_response_rule(drr)
+    assert g.encode_nfa(nfa2) == blob("ipsecNFA{57c1533e-02ee-4ca2-9bc2-69e4b6aaaba2}")
+    assert g.encode_negotiation_policy(negpol2) == blob(negpol_rdn)
+    with pytest.raises(g.GpIpsecError, match="must be Secure"):
+        g.to_model_default_response_rule(nfa, negpol, g.ACTION_BLOCK)
+
+    data = g.decode_policy(blob("ipsecPolicy{c0ccd3b2-2871-436c-be91-4e919c8b5aa0}"))
+    assert g.to_model_polling_minutes(data) == 180
+    assert g.to_model_polling_minutes(g.IpsecPolicyData(0)) == 180  # 0 means 10,800 s
+    assert g.to_model_polling_minutes(g.IpsecPolicyData(61)) == 2
+    assert g.from_model_policy(pb.Policy(polling_interval_minutes=180)) == data
+    with pytest.raises(g.GpIpsecError, match="polling interval 0"):
+        g.from_model_policy(pb.Policy())
+    for bad in (pb.IsakmpSettings(ike_version=3, lifetime_minutes=480), pb.IsakmpSettings(lifetime_minutes=0)):
+        with pytest.raises(g.GpIpsecError):
+            g.from_model_isakmp(bad)

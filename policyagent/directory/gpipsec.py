@@ -67,14 +67,22 @@ __all__ = [
     "encode_negotiation_policy",
     "encode_nfa",
     "encode_policy",
+    "from_model_auth_methods",
+    "from_model_default_response_rule",
     "from_model_filter",
     "from_model_filter_action",
     "from_model_filter_list",
     "from_model_isakmp",
+    "from_model_policy",
+    "from_model_rule",
+    "to_model_auth_methods",
+    "to_model_default_response_rule",
     "to_model_filter",
     "to_model_filter_action",
     "to_model_filter_list",
     "to_model_isakmp",
+    "to_model_polling_minutes",
+    "to_model_rule",
 ]
 
 
@@ -1054,9 +1062,24 @@ def _to_model_qm(o: SecurityOffer, where: str) -> pb.QuickModeMethod:
             m.esp.integrity = _INTEGRITY[a.esp_integrity_identifier]
         else:
             raise GpIpsecError(f"{where}: algorithm offer {a} cannot be mapped")
-    if not (m.HasField("ah") or m.HasField("esp")):
+    if not (m.HasField("ah") or m.HasField("esp")):  # pragma: no cover - callers handle the soft offer
         raise GpIpsecError(f"{where}: security offer without algorithms")
     return m
+
+
+def _split_soft_offer(offers: Sequence[SecurityOffer], where: str) -> tuple[Sequence[SecurityOffer], bool]:
+    """(the real offers, fallback_to_clear): a last offer with no algorithms is the "soft" offer.
+
+    [MS-GPIPSEC] does not describe "allow fallback to unsecured communication" (netsh soft=yes); ref §2.4
+    leaves it [OPEN] with this structural hypothesis, which is also how the Windows SPD represents a soft SA
+    (a security method with an algorithm count of 0, offered last). [INF] — verify against a Windows DC.
+    """
+    for i, o in enumerate(offers):
+        if not o.algorithms and i != len(offers) - 1:
+            raise GpIpsecError(f"{where} Security-Offer[{i}]: an offer without algorithms must be the last one")
+    if offers and not offers[-1].algorithms:
+        return offers[:-1], True
+    return offers, False
 
 
 def to_model_filter_action(
@@ -1074,9 +1097,10 @@ def to_model_filter_action(
     else:
         raise GpIpsecError(f"ipsecNegotiationPolicy: unknown action {_guid_str(action)}")
     if fa.action == pb.ACTION_TYPE_NEGOTIATE:
-        for i, o in enumerate(data.security_offers):
+        offers, fa.fallback_to_clear = _split_soft_offer(data.security_offers, "ipsecNegotiationPolicy")
+        for i, o in enumerate(offers):
             fa.methods.append(_to_model_qm(o, f"ipsecNegotiationPolicy Security-Offer[{i}]"))
-        fa.session_key_pfs = any(o.pfs_qm_required == 1 for o in data.security_offers)
+        fa.session_key_pfs = any(o.pfs_qm_required == 1 for o in offers)
     elif data.security_offers:
         raise GpIpsecError("ipsecNegotiationPolicy: a block/permit action carries security offers")
     return fa
@@ -1085,16 +1109,31 @@ def to_model_filter_action(
 def from_model_filter_action(fa: pb.FilterAction) -> tuple[IpsecNegotiationPolicyData, uuid.UUID]:
     """The blob and the iPSECNegotiationPolicyAction GUID (the type is TYPE_STANDARD)."""
     where = f"filter action {fa.id or '(no id)'}"
-    if fa.fallback_to_clear:
-        raise GpIpsecError(f"{where}: fallback_to_clear has no documented encoding ([MS-GPIPSEC] is silent)")
-    if fa.action == pb.ACTION_TYPE_BLOCK:
-        return IpsecNegotiationPolicyData(), ACTION_BLOCK
-    if fa.action == pb.ACTION_TYPE_PERMIT:
-        return IpsecNegotiationPolicyData(), ACTION_PERMIT
+    if fa.action in (pb.ACTION_TYPE_BLOCK, pb.ACTION_TYPE_PERMIT):
+        # Block/permit carry nothing but the action GUID: any negotiation setting would be lost.
+        for name, set_ in (
+            ("methods", bool(fa.methods)),
+            ("inbound_passthrough", fa.inbound_passthrough),
+            ("fallback_to_clear", fa.fallback_to_clear),
+            ("session_key_pfs", fa.session_key_pfs),
+        ):
+            if set_:
+                raise GpIpsecError(f"{where}: {name} cannot be stored with a block or permit action")
+        return IpsecNegotiationPolicyData(), ACTION_BLOCK if fa.action == pb.ACTION_TYPE_BLOCK else ACTION_PERMIT
     if fa.action != pb.ACTION_TYPE_NEGOTIATE:
         raise GpIpsecError(f"{where}: action {fa.action} cannot be stored")
+    offers = _offers_from_model(fa.methods, fa.session_key_pfs, where)
+    if fa.fallback_to_clear:
+        offers.append(SecurityOffer(()))  # the "soft" offer, see _split_soft_offer
+    action = ACTION_INBOUND_PASSTHROUGH if fa.inbound_passthrough else ACTION_SECURE
+    return IpsecNegotiationPolicyData(tuple(offers)), action
+
+
+def _offers_from_model(methods: Sequence[pb.QuickModeMethod], pfs: bool, where: str) -> list[SecurityOffer]:
+    if not methods and pfs:
+        raise GpIpsecError(f"{where}: session_key_pfs needs at least one security method to be stored in")
     offers = []
-    for i, m in enumerate(fa.methods):
+    for i, m in enumerate(methods):
         algs = []
         if m.HasField("ah"):
             if m.ah.integrity not in _AH_ID:
@@ -1108,9 +1147,8 @@ def from_model_filter_action(fa: pb.FilterAction) -> tuple[IpsecNegotiationPolic
             algs.append(AlgorithmOffer(_CIPHER_ESP[m.esp.encryption], _INTEGRITY_ID[m.esp.integrity], _OFFER_ESP))
         if not algs:
             raise GpIpsecError(f"{where} method {i}: neither AH nor ESP")
-        offers.append(SecurityOffer(tuple(algs), m.lifetime_seconds, m.lifetime_kb, 0, int(fa.session_key_pfs)))
-    action = ACTION_INBOUND_PASSTHROUGH if fa.inbound_passthrough else ACTION_SECURE
-    return IpsecNegotiationPolicyData(tuple(offers)), action
+        offers.append(SecurityOffer(tuple(algs), m.lifetime_seconds, m.lifetime_kb, 0, int(pfs)))
+    return offers
 
 
 # ISAKMP (ref §2.2). Encryption 1 DES, 2/3 3DES (Windows writes 3); hash 1 MD5, 2 SHA-1; Oakley group 1, 2,
@@ -1173,6 +1211,10 @@ def from_model_isakmp(s: pb.IsakmpSettings, *, instance: uuid.UUID | None = None
     """
     if s.ike_version == 2:
         raise GpIpsecError("IKEv2 settings cannot be stored in ipsecISAKMPPolicy")
+    if s.ike_version not in (0, 1):
+        raise GpIpsecError(f"IKE version {s.ike_version} cannot be stored in ipsecISAKMPPolicy (IKEv1 only)")
+    if s.lifetime_minutes == 0:
+        raise GpIpsecError("main mode lifetime 0 cannot be stored (Windows reads MM-Lifetime 0 as 480 minutes)")
     lifetime = s.lifetime_minutes * 60 if s.lifetime_minutes else _DEFAULT_MM_LIFETIME
     methods = []
     for i, m in enumerate(s.methods):
@@ -1196,3 +1238,213 @@ def from_model_isakmp(s: pb.IsakmpSettings, *, instance: uuid.UUID | None = None
         qm_limit=s.qm_per_mm,
         mm_lifetime=lifetime,
     )
+
+
+# Rules (ref §2.3). Auth-Method-Data: PSK and CA name as UTF-16LE with a NUL, Kerberos 00 00. The modern
+# Alt-Auth extension repeats the list (Kerberos with length 0 as observed; PSK / CA name repeated [OPEN])
+# and carries the per-method certificate flags, read here as bits: 1 cert-to-account mapping, 2 exclude the
+# CA name [INF]. Interface-Type 0xFFFFFFFD/E/F = all / LAN / remote access.
+
+_CONNECTION_INTERFACE = {
+    pb.CONNECTION_TYPE_ALL: INTERFACE_ALL,
+    pb.CONNECTION_TYPE_LAN: INTERFACE_LAN,
+    pb.CONNECTION_TYPE_REMOTE_ACCESS: INTERFACE_DIALUP,
+}
+_INTERFACE_CONNECTION = {v: k for k, v in _CONNECTION_INTERFACE.items()}
+CERT_FLAG_ACCOUNT_MAPPING = 1
+CERT_FLAG_EXCLUDE_CA_NAME = 2
+_KERBEROS_DATA = b"\x00\x00"
+
+
+def _utf16z(text: str) -> bytes:
+    return (text + "\x00").encode("utf-16-le", errors="surrogatepass")
+
+
+def from_model_auth_methods(
+    methods: Sequence[pb.AuthMethod], where: str
+) -> tuple[tuple[AuthMethodEntry, ...], AltAuth]:
+    """The Auth-Method list and the Alt-Auth extension for a rule's authentication methods.
+
+    Error messages never include a pre-shared key.
+    """
+    primary: list[AuthMethodEntry] = []
+    alternate: list[AuthMethodEntry] = []
+    flags: list[int] = []
+    for i, m in enumerate(methods):
+        which = m.WhichOneof("method")
+        if which == "kerberos":
+            primary.append(AuthMethodEntry(AUTH_KERBEROS, _KERBEROS_DATA))
+            alternate.append(AuthMethodEntry(AUTH_KERBEROS, b""))
+            flags.append(0)
+        elif which == "preshared_key":
+            if not m.preshared_key.key or "\x00" in m.preshared_key.key:
+                raise GpIpsecError(f"{where} authentication method {i + 1}: the pre-shared key is empty or has a NUL")
+            data = _utf16z(m.preshared_key.key)
+            primary.append(AuthMethodEntry(AUTH_PSK, data))
+            alternate.append(AuthMethodEntry(AUTH_PSK, data))
+            flags.append(0)
+        elif which == "certificate":
+            c = m.certificate
+            if not c.root_ca or "\x00" in c.root_ca:
+                raise GpIpsecError(f"{where} authentication method {i + 1}: the root CA name is empty or has a NUL")
+            data = _utf16z(c.root_ca)
+            primary.append(AuthMethodEntry(AUTH_CERTIFICATE, data))
+            alternate.append(AuthMethodEntry(AUTH_CERTIFICATE, data))
+            flags.append(
+                (CERT_FLAG_ACCOUNT_MAPPING if c.cert_to_account_mapping else 0)
+                | (CERT_FLAG_EXCLUDE_CA_NAME if c.exclude_ca_name else 0)
+            )
+        else:
+            raise GpIpsecError(f"{where} authentication method {i + 1}: no method given")
+    return tuple(primary), AltAuth(tuple(alternate), tuple(flags))
+
+
+def to_model_auth_methods(nfa: IpsecNfaData, where: str = "ipsecNFA") -> list[pb.AuthMethod]:
+    flags: tuple[int, ...] = ()
+    if nfa.alt_auth is not None and len(nfa.alt_auth.flags) == len(nfa.auth_methods):
+        flags = nfa.alt_auth.flags
+    out = []
+    for i, e in enumerate(nfa.auth_methods):
+        if e.auth_type == AUTH_KERBEROS:
+            out.append(pb.AuthMethod(kerberos=pb.KerberosAuth()))
+        elif e.auth_type == AUTH_PSK:
+            out.append(pb.AuthMethod(preshared_key=pb.PresharedKeyAuth(key=_utf16_text(e.data, where, i))))
+        elif e.auth_type == AUTH_CERTIFICATE:
+            f = flags[i] if flags else 0
+            out.append(
+                pb.AuthMethod(
+                    certificate=pb.CertificateAuth(
+                        root_ca=_utf16_text(e.data, where, i),
+                        cert_to_account_mapping=bool(f & CERT_FLAG_ACCOUNT_MAPPING),
+                        exclude_ca_name=bool(f & CERT_FLAG_EXCLUDE_CA_NAME),
+                    )
+                )
+            )
+        else:
+            raise GpIpsecError(f"{where}: Auth-Method[{i}] has the unknown Auth-Type {e.auth_type}")
+    return out
+
+
+def _utf16_text(data: bytes, where: str, i: int) -> str:
+    if len(data) % 2:
+        raise GpIpsecError(f"{where}: Auth-Method[{i}] data has an odd UTF-16 length {len(data)}")
+    text = data.decode("utf-16-le", errors="surrogatepass")
+    return text[:-1] if text.endswith("\x00") else text
+
+
+def _tunnel_fields(endpoint: str, where: str) -> tuple[ipaddress.IPv4Address, int, ipaddress.IPv6Address | None]:
+    """(Tunnel-Address, Is-Tunnel-Specifier, IPv6-Tunnel-Mode-Address) for a rule's tunnel endpoint."""
+    if not endpoint:
+        return ZERO_IPV4, 0, None
+    try:
+        ip = ipaddress.ip_address(endpoint)
+    except ValueError:
+        raise GpIpsecError(f"{where}: tunnel endpoint {endpoint!r} is not an IP address") from None
+    if ip.is_unspecified:
+        raise GpIpsecError(f"{where}: tunnel endpoint {endpoint} cannot be stored (it reads back as no tunnel)")
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip, 1, None
+    return ZERO_IPV4, 1, ip  # the IPv6 extension supersedes Tunnel-Address (ref §2.3)
+
+
+def _tunnel_endpoint(nfa: IpsecNfaData, where: str) -> str:
+    if nfa.tunnel_end_point_name:
+        raise GpIpsecError(f"{where}: Tunnel-End-Point-Name (a DNS-named tunnel endpoint) is not supported")
+    if not nfa.is_tunnel_specifier:
+        return ""
+    if nfa.ipv6_tunnel_mode_address is not None:
+        return str(nfa.ipv6_tunnel_mode_address)
+    if nfa.tunnel_address == ZERO_IPV4:
+        raise GpIpsecError(f"{where}: Is-Tunnel-Specifier is set without a tunnel address")
+    return str(nfa.tunnel_address)
+
+
+def from_model_rule(rule: pb.Rule, where: str = "rule") -> IpsecNfaData:
+    """The NFA blob of a rule (filter list, filter action, name: LDAP attributes and references)."""
+    if rule.connection_type not in _CONNECTION_INTERFACE:
+        raise GpIpsecError(f"{where}: connection type {rule.connection_type} cannot be stored (all, lan or dialup)")
+    auth, alt = from_model_auth_methods(rule.auth_methods, where)
+    tunnel, is_tunnel, v6 = _tunnel_fields(rule.tunnel_endpoint, where)
+    return IpsecNfaData(
+        auth_methods=auth,
+        interface_type=_CONNECTION_INTERFACE[rule.connection_type],
+        tunnel_address=tunnel,
+        is_tunnel_specifier=is_tunnel,
+        is_active_specifier=int(rule.active),
+        alt_auth=alt,
+        ipv6_tunnel_mode_address=v6,
+    )
+
+
+def to_model_rule(
+    nfa: IpsecNfaData,
+    *,
+    id: str = "",
+    name: str = "",
+    description: str = "",
+    filter_list_id: str = "",
+    filter_action_id: str = "",
+    where: str = "ipsecNFA",
+) -> pb.Rule:
+    if nfa.interface_type not in _INTERFACE_CONNECTION:
+        raise GpIpsecError(f"{where}: unknown Interface-Type {nfa.interface_type:#x}")
+    return pb.Rule(
+        id=id,
+        name=name,
+        description=description,
+        filter_list_id=filter_list_id,
+        filter_action_id=filter_action_id,
+        auth_methods=to_model_auth_methods(nfa, where),
+        tunnel_endpoint=_tunnel_endpoint(nfa, where),
+        connection_type=_INTERFACE_CONNECTION[nfa.interface_type],
+        active=bool(nfa.is_active_specifier),
+    )
+
+
+def from_model_default_response_rule(
+    drr: pb.DefaultResponseRule, where: str = "default response rule"
+) -> tuple[IpsecNfaData, IpsecNegotiationPolicyData]:
+    """The NFA (all connections, no tunnel, no filter) and its negotiation policy, whose
+    iPSECNegotiationPolicyType is TYPE_DEFAULT_RESPONSE and action ACTION_SECURE."""
+    auth, alt = from_model_auth_methods(drr.auth_methods, where)
+    nfa = IpsecNfaData(auth_methods=auth, is_active_specifier=int(drr.active), alt_auth=alt)
+    return nfa, IpsecNegotiationPolicyData(tuple(_offers_from_model(drr.methods, drr.session_key_pfs, where)))
+
+
+def to_model_default_response_rule(
+    nfa: IpsecNfaData, negpol: IpsecNegotiationPolicyData, action: uuid.UUID, *, id: str = "", where: str = "ipsecNFA"
+) -> pb.DefaultResponseRule:
+    if action != ACTION_SECURE:
+        raise GpIpsecError(f"{where}: a default response action must be Secure, not {_guid_str(action)}")
+    if nfa.is_tunnel_specifier or nfa.tunnel_end_point_name:
+        raise GpIpsecError(f"{where}: a default response rule cannot be a tunnel rule")
+    fa = to_model_filter_action(negpol, action)
+    if fa.fallback_to_clear:
+        raise GpIpsecError(f"{where}: a default response rule cannot fall back to clear")
+    return pb.DefaultResponseRule(
+        id=id,
+        active=bool(nfa.is_active_specifier),
+        methods=fa.methods,
+        session_key_pfs=fa.session_key_pfs,
+        auth_methods=to_model_auth_methods(nfa, where),
+    )
+
+
+# Policies (ref §2.1): Polling-Interval in seconds, 0 = 10,800; the model keeps minutes.
+
+_DEFAULT_POLLING_SECONDS = 10800
+
+
+def from_model_policy(policy: pb.Policy) -> IpsecPolicyData:
+    """The ipsecPolicy blob (name, description, ISAKMP and rules live elsewhere)."""
+    if policy.polling_interval_minutes == 0:
+        raise GpIpsecError(f"policy {policy.id}: polling interval 0 cannot be stored (Windows reads 0 as 180 minutes)")
+    seconds = policy.polling_interval_minutes * 60
+    _u32_field(BlobType.POLICY, "Polling-Interval", seconds)
+    return IpsecPolicyData(polling_interval=seconds)
+
+
+def to_model_polling_minutes(data: IpsecPolicyData) -> int:
+    """Polling-Interval in whole minutes (rounded up), 0 read as 10,800 s."""
+    seconds = data.polling_interval or _DEFAULT_POLLING_SECONDS
+    return -(-seconds // 60)
