@@ -28,6 +28,27 @@ def _run_server(args: argparse.Namespace) -> int:
     from policyagent.server.app import ServerConfig, configure_logging, serve
 
     configure_logging(args.log_level)
+    directory = None
+    if args.directory_publish and not args.directory:
+        raise ValueError("--directory-publish needs --directory")
+    if args.directory or args.directory_base:
+        from policyagent.directory.sync import DirectorySettings
+
+        if not (args.directory and args.directory_base):
+            raise ValueError("--directory and --directory-base go together")
+        directory = DirectorySettings(
+            url=args.directory,
+            base_dn=args.directory_base,
+            bind=args.directory_bind,
+            user=args.directory_user or "",
+            password_file=Path(args.directory_password_file) if args.directory_password_file else None,
+            ca_file=Path(args.directory_ca) if args.directory_ca else None,
+            tls_name=args.directory_tls_name,
+            starttls=args.directory_starttls,
+            sites_base=args.directory_sites_base,
+            interval_s=args.directory_interval,
+            publish=args.directory_publish,
+        )
     config = ServerConfig(
         data_dir=Path(args.data_dir),
         listen=args.listen,
@@ -37,6 +58,7 @@ def _run_server(args: argparse.Namespace) -> int:
         kerberos_keytab=Path(args.kerberos_keytab) if args.kerberos_keytab else None,
         kerberos_principal=args.kerberos_principal,
         workgroup_secret_file=Path(args.workgroup_secret_file) if args.workgroup_secret_file else None,
+        directory=directory,
     )
     asyncio.run(serve(config))
     return EXIT_OK
@@ -92,6 +114,7 @@ def _add_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="FILE",
         help="file holding the workgroup's enrollment secret: enables workgroup enrollment",
     )
+    _add_directory_options(parser)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: %(default)s")
     parser.add_argument(
         "--grace",
@@ -103,14 +126,69 @@ def _add_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.set_defaults(handler=_run_server)
 
 
+def _add_directory_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "directory",
+        "Feed the assignment registry (computers, OUs, sites, groups, GPOs, links) from Active Directory or "
+        "OpenLDAP, and keep it in sync. The directory's objects cannot be edited locally; when the directory "
+        "is unreachable the last known topology stays in force (policyagent directory status).",
+    )
+    group.add_argument("--directory", metavar="URL", help="ldaps://dc1.corp.example, ldap://HOST (with "
+                       "--directory-starttls), or ldapi://%%2Frun%%2Fslapd%%2Fldapi")
+    group.add_argument("--directory-base", metavar="DN", help="the domain's base DN, e.g. DC=corp,DC=example")
+    group.add_argument(
+        "--directory-bind",
+        choices=("simple", "external", "gssapi"),
+        default="simple",
+        help="simple (user + password file), external (SASL EXTERNAL: ldapi peer credentials or a TLS client "
+        "certificate) or gssapi (SASL GSSAPI with the process's Kerberos credentials) (default: %(default)s)",
+    )
+    group.add_argument("--directory-user", metavar="DN|USER@DOMAIN", help="the account of a simple bind")
+    group.add_argument(
+        "--directory-password-file",
+        metavar="FILE",
+        help="file whose first line is the simple bind's password (never on the command line)",
+    )
+    group.add_argument("--directory-ca", metavar="FILE", help="CA certificate(s) to verify the directory's TLS")
+    group.add_argument(
+        "--directory-tls-name",
+        metavar="NAME",
+        help="the name the directory's certificate must carry when the URL names it otherwise (an address)",
+    )
+    group.add_argument("--directory-starttls", action="store_true", help="StartTLS on an ldap:// URL")
+    group.add_argument(
+        "--directory-sites-base",
+        metavar="DN",
+        help="where sites live, e.g. CN=Sites,CN=Configuration,DC=corp,DC=example (default: sites not read)",
+    )
+    group.add_argument(
+        "--directory-interval",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how often to check the directory's change marker; a change is read and applied at once, and "
+        "every 10th check reads everything (default: %(default)s)",
+    )
+    group.add_argument(
+        "--directory-publish",
+        action="store_true",
+        help="keep the directory's copies of policies current: after a store write that changes policies, "
+        "filter lists or filter actions, republish the affected policies the directory already holds "
+        "(in the background; a failure shows in `policyagent directory status`, the store write stands). "
+        "Needs write access to CN=IP Security,CN=System (default: off)",
+    )
+
+
 def _add_agent_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from policyagent.agent.cmd import add_agent, add_agent_status
     from policyagent.server.auditcmd import add_audit
+    from policyagent.server.directorycmd import add_directory
     from policyagent.server.fleetcmd import add_fleet
 
     add_agent(subparsers)
     add_agent_status(subparsers)
     add_fleet(subparsers)
+    add_directory(subparsers)
     add_audit(subparsers)
 
 

@@ -9,6 +9,8 @@ from policyagent._proto.policyagent.v1 import agent_pb2 as agent_pb
 from policyagent._proto.policyagent.v1 import agent_pb2_grpc as agent_grpc
 from policyagent._proto.policyagent.v1 import assignment_pb2 as assign_pb
 from policyagent._proto.policyagent.v1 import assignment_pb2_grpc as assign_grpc
+from policyagent._proto.policyagent.v1 import directory_pb2 as directory_pb
+from policyagent._proto.policyagent.v1 import directory_pb2_grpc as directory_grpc
 from policyagent._proto.policyagent.v1 import distribution_pb2 as dist_pb
 from policyagent._proto.policyagent.v1 import distribution_pb2_grpc as dist_grpc
 from policyagent._proto.policyagent.v1 import enrollment_pb2 as enroll_pb
@@ -37,6 +39,8 @@ __all__ = [
     "agent_pb",
     "assign_grpc",
     "assign_pb",
+    "directory_grpc",
+    "directory_pb",
     "dist_grpc",
     "dist_pb",
     "enroll_grpc",

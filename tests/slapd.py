@@ -213,6 +213,14 @@ class Slapd:
         }
         return self._add(dn, ["computer", "securityPrincipal"], attributes)
 
+    def restart(self) -> None:
+        """Start slapd again (after stop()) on the same database, port and ldapi socket."""
+        if _running(self.pid):
+            raise RuntimeError("slapd is still running: stop() it first")
+        self.ldapi_path.parent.mkdir(parents=True, exist_ok=True)
+        self.pid = _launch(self.dir, self.port, self.ldapi_url)
+        _wait_ready(self)
+
     def stop(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
@@ -239,12 +247,47 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def _launch(directory: Path, port: int, ldapi_url: str) -> int:
+    """Run slapd on directory/slapd.conf (127.0.0.1:port and the ldapi socket); its pid once it wrote it."""
+    slapd = _tool("slapd")
+    assert slapd is not None, slapd_unavailable()
+    pid_file = directory / "slapd.pid"
+    pid_file.unlink(missing_ok=True)
+    # slapd daemonizes; its parent returns once the child has initialised (or failed to).
+    proc = subprocess.run(
+        [slapd, "-f", str(directory / "slapd.conf"), "-h", f"ldap://127.0.0.1:{port}/ {ldapi_url}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"slapd failed to start ({proc.returncode}): {proc.stderr.strip()}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (pid_file.exists() and pid_file.read_text().strip()):
+        time.sleep(0.005)
+    return int(pid_file.read_text().strip())
+
+
+def _wait_ready(server: Slapd) -> None:
+    """Wait until a rootdn bind works; keep that connection as the admin connection."""
+    ldap3 = _ldap3()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn = server.connection()
+            break
+        except ldap3.core.exceptions.LDAPException:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise
+            time.sleep(0.01)
+    server._conn = conn
+
+
 def start_slapd(directory: Path, suffix: str = "DC=example,DC=test") -> Slapd:
     """Write a slapd.conf and an empty back_mdb database in `directory`, start slapd on a free
     127.0.0.1 port plus an ldapi socket, and add the suffix entry (a `domain` with gPLinkAux)."""
     slapd, schema_dir, module_dir = _tool("slapd"), _schema_dir(), _module_dir()
     assert slapd is not None and schema_dir is not None and module_dir is not None, slapd_unavailable()
-    ldap3 = _ldap3()
+    _ldap3()  # fails early without ldap3
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     db = directory / "db"
@@ -283,30 +326,10 @@ access to * by dn.exact="{peer}" manage by * read
     if syncprov:
         conf += "overlay syncprov\nsyncprov-checkpoint 100 10\n"
     (directory / "slapd.conf").write_text(conf)
-    pid_file = directory / "slapd.pid"
-    pid_file.unlink(missing_ok=True)
     ldapi_url = "ldapi://" + urllib.parse.quote(str(sock), safe="")
-    # slapd daemonizes; its parent returns once the child has initialised (or failed to).
-    proc = subprocess.run(
-        [slapd, "-f", str(directory / "slapd.conf"), "-h", f"ldap://127.0.0.1:{port}/ {ldapi_url}"],
-        capture_output=True, text=True, timeout=30,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"slapd failed to start ({proc.returncode}): {proc.stderr.strip()}")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (pid_file.exists() and pid_file.read_text().strip()):
-        time.sleep(0.005)
-    server = Slapd(directory, port, int(pid_file.read_text().strip()), suffix, bind_dn, password, sock, syncprov)
-    while True:
-        try:
-            conn = server.connection()
-            break
-        except ldap3.core.exceptions.LDAPException:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise
-            time.sleep(0.01)
-    server._conn = conn
+    pid = _launch(directory, port, ldapi_url)
+    server = Slapd(directory, port, pid, suffix, bind_dn, password, sock, syncprov)
+    _wait_ready(server)
     attr, value = _rdn(suffix)
     classes = {"dc": ["domain", "gPLinkAux"], "o": ["organization", "gPLinkAux"], "ou": ["organizationalUnit", "gPLinkAux"]}
     if attr.lower() not in classes:

@@ -4,6 +4,7 @@ OUs, computers, GPOs, links and uSNChanged-based changes from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 import subprocess
 import uuid
@@ -173,8 +174,7 @@ def test_moving_a_computer_shows_in_changes_since_usn_and_a_reread(dc: SambaDc) 
     old_ou = dc.add_ou(f"OU=Old,{dc.base_dn}")
     new_ou = dc.add_ou(f"OU=New,{dc.base_dn}")
     dn = dc.add_computer(old_ou, "mover", "mover.example.test")
-    # Without the schema: with it, ldap3 rejects highestCommittedUSN (see the xfail test below).
-    conn = dc.connection(schema=False)
+    conn = dc.connection()
     usn, changed = changes_since_usn(conn, dc.base_dn, 0)
     assert usn > 0 and changed == []
     assert changes_since_usn(conn, dc.base_dn, usn) == (usn, [])
@@ -189,28 +189,21 @@ def test_moving_a_computer_shows_in_changes_since_usn_and_a_reread(dc: SambaDc) 
     assert changes_since_usn(conn, dc.base_dn, new_usn) == (new_usn, [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ldap3.core.exceptions.LDAPAttributeError if _why is None else Exception,
-    reason="changes_since_usn asks the rootDSE for highestCommittedUSN, which is not in the schema; with "
-    "the schema loaded (connect() uses get_info=SCHEMA) and check_names on, ldap3 refuses the search",
-)
 def test_changes_since_usn_on_a_connection_with_the_schema(dc: SambaDc) -> None:
+    """connect() loads the schema; highestCommittedUSN, a rootDSE attribute, is not in it."""
     conn = dc.connection(schema=True)
     usn, _ = changes_since_usn(conn, dc.base_dn, 0)
     assert usn > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ldap3.core.exceptions.LDAPSocketOpenError if _why is None else Exception,
-    reason="connect() validates the certificate against the URL's host (an address here); DirectoryConfig "
-    "has no field for the name to validate (ldap3 Tls valid_names)",
-)
 def test_connector_connect_over_ldaps_by_address(dc: SambaDc) -> None:
+    """The URL gives the DC's address; its certificate names DC1.example.test: tls_name says which to expect."""
     config = DirectoryConfig(dc.url_ldaps, dc.base_dn, "simple", dc.admin_user, dc.admin_password, str(dc.ca_file))
-    conn = connect(config)
+    with pytest.raises(ldap3.core.exceptions.LDAPSocketOpenError):
+        connect(config)  # validated against the address: refused
+    conn = connect(dataclasses.replace(config, tls_name=dc.tls_name))
     assert conn.bound
+    conn.unbind()
 
 
 # ldap3 parses the server certificate for channel binding; Samba's generated one has serial number 0.

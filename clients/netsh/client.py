@@ -16,9 +16,10 @@ import grpc
 from google.protobuf.message import Message
 
 from clients.netsh.errors import NoAdminCertificate, ServerRefusedCertificate, ServerUnreachable
+from policyagent.agent.daemon import PERSISTENT_SOCKET_FILE, SOCKET_FILE
 from policyagent.model.errors import NotFoundError, PolicyError
 from policyagent.model.objects import normalize_id
-from policyagent.pb import GRPC_MESSAGE_OPTIONS, admin_grpc, admin_pb, pb
+from policyagent.pb import GRPC_MESSAGE_OPTIONS, admin_grpc, admin_pb, directory_grpc, directory_pb, pb
 from policyagent.pki.tls import ClientCertificate, NoCertificate, find_admin_certificate, tls_options
 from policyagent.server.errors import RpcFailure, error_from_rpc
 
@@ -52,6 +53,15 @@ def server_target(option: str | None) -> str:
     if ":" in text:  # a bare IPv6 address
         return f"[{text}]:{DEFAULT_PORT}"
     return f"{text}:{DEFAULT_PORT}"
+
+
+AGENT_STORE_SOCKETS = (SOCKET_FILE, PERSISTENT_SOCKET_FILE)
+
+
+def is_agent_store_socket(target: str) -> bool:
+    """-r unix:STATE_DIR/agent.sock or persistent.sock: an agent's local or persistent store (no TLS);
+    any other unix: target is a policy server listening on a unix socket (mTLS)."""
+    return target.startswith("unix:") and os.path.basename(target) in AGENT_STORE_SOCKETS
 
 
 def user_name() -> str:
@@ -88,8 +98,11 @@ class AdminClient:
         *,
         cert_dir: str | None = None,
         certificate: ClientCertificate | None = None,
+        agent_socket: bool = False,
     ) -> None:
         self.target = target
+        # An agent's local or persistent store: a unix socket only root (its owner) can open, no TLS.
+        self.agent_socket = agent_socket
         self._timeout = timeout
         self._cert_dir = cert_dir
         self._certificate = certificate
@@ -101,7 +114,10 @@ class AdminClient:
     def _stub(self) -> admin_grpc.PolicyAdminStub:
         # Connect on first use: commands that only print help need no certificate.
         if self._stub_ is None:
-            self._channel, self._certificate = open_admin_channel(self.target, self._cert_dir, self._certificate)
+            if self.agent_socket:
+                self._channel = grpc.insecure_channel(self.target, options=GRPC_MESSAGE_OPTIONS)
+            else:
+                self._channel, self._certificate = open_admin_channel(self.target, self._cert_dir, self._certificate)
             self._stub_ = admin_grpc.PolicyAdminStub(self._channel)
         return self._stub_
 
@@ -120,6 +136,13 @@ class AdminClient:
         if not isinstance(error, RpcFailure):
             return error
         detail = error.message.split(": ", 1)[-1]
+        if self.agent_socket and error.status == grpc.StatusCode.UNAVAILABLE:
+            path = self.target.removeprefix("unix:")
+            state_dir = os.path.dirname(path) or "."
+            return ServerUnreachable(
+                f"cannot reach the agent's store at {path} ({detail}); `policyagent agent --state-dir {state_dir}` "
+                "serves it while it runs"
+            )
         source = self._certificate.source if self._certificate is not None else "?"
         if error.status in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return ServerRefusedCertificate(
@@ -137,6 +160,16 @@ class AdminClient:
         if error.status == grpc.StatusCode.UNIMPLEMENTED:
             return ServerUnreachable(f"{self.target} does not serve the policyagent PolicyAdmin API ({detail})")
         return error
+
+    def directory_status(self) -> directory_pb.DirectoryStatus:
+        """The policy server's link to its LDAP directory (DirectoryAdmin.GetStatus)."""
+        self._stub  # noqa: B018 - connects
+        assert self._channel is not None
+        stub = directory_grpc.DirectoryAdminStub(self._channel)
+        try:
+            return stub.GetStatus(directory_pb.DirectoryStatusRequest(), metadata=self._metadata, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from exc
 
     def find_policy(self, ref: str) -> pb.Policy:
         """The policy with this id (GUID) or, failing that, this name; NotFoundError otherwise."""

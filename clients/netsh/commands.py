@@ -9,6 +9,7 @@ server answer ABORTED, which arrives here as the server's ConflictError.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -19,17 +20,18 @@ from typing import TextIO, TypeVar, cast
 from google.protobuf import json_format
 
 from clients.netsh import addresses, dump, render
-from clients.netsh.client import AdminClient
+from clients.netsh.client import AdminClient, server_target
 from clients.netsh.errors import CommandError
 from clients.netsh.newobjects import default_of, kerberos, new_policy
 from clients.netsh.syntax import Invocation
+from policyagent.agent.daemon import PERSISTENT_SOCKET_FILE, SOCKET_FILE
 from policyagent.model import exportfmt
 from policyagent.model import settings as S
 from policyagent.model.errors import NotFoundError, ProtectedError
 from policyagent.model.objects import SECRET_MASK, Kind, StoreObject, name_key, normalize_id
 from policyagent.model.view import ContentsView
 from policyagent.model.writes import Delete, Mutation, Put, plan_writes
-from policyagent.pb import admin_pb, pb
+from policyagent.pb import admin_pb, directory_pb, pb
 
 T = TypeVar("T", bound=StoreObject)
 
@@ -60,6 +62,29 @@ class Context:
     client: AdminClient
     json: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    # `set store location=domain` returns to this: the policy server -r names (and its certificates).
+    server: str = ""
+    cert_dir: str | None = None
+    # `set store location=local|persistent`: the agent's state directory (where its sockets are).
+    agent_dir: str = ""
+
+    @property
+    def location(self) -> str:
+        """The store the static commands edit: "local", "persistent" or "domain"."""
+        if not self.client.agent_socket:
+            return "domain"
+        return "persistent" if os.path.basename(self.client.target) == PERSISTENT_SOCKET_FILE else "local"
+
+    def store_label(self) -> str:
+        if self.location == "domain":
+            return f"Domain Store (policy server {self.client.target})"
+        where = self.client.target.removeprefix("unix:")
+        return f"{self.location.capitalize()} Store (agent {where})"
+
+    def use(self, client: AdminClient) -> None:
+        """Switch stores: later commands talk to `client` (the previous connection is closed)."""
+        self.client.close()
+        self.client = client
 
     def fetch(self) -> ContentsView:
         return ContentsView(self.client.get_store())
@@ -220,7 +245,7 @@ def renderer(ctx: Context, view: ContentsView, inv: Invocation) -> render.Render
     fmt = inv.get("format", default_of(S.FORMAT))
     return render.Renderer(
         view,
-        store=f"Domain Store (policy server {ctx.client.target})",
+        store=ctx.store_label(),
         verbose=level == "verbose",
         table=fmt == "table",
         wide=_bool(inv.get("wide", default_of(S.WIDE))),
@@ -626,6 +651,43 @@ def restoredefaults(ctx: Context, inv: Invocation) -> None:
     ctx.client.restore_defaults()
 
 
+def set_store(ctx: Context, inv: Invocation) -> None:
+    """`set store location=local|persistent|domain [domain=NAME]` for the rest of this netsh session."""
+    location = _str(inv.get("location"))
+    domain = _str(inv.get("domain")).strip() if inv.has("domain") else ""
+    if location != "domain":
+        if domain:
+            raise CommandError(f"domain={domain} goes with location=domain, not location={location}")
+        name = SOCKET_FILE if location == "local" else PERSISTENT_SOCKET_FILE
+        ctx.use(AdminClient(f"unix:{os.path.join(ctx.agent_dir, name)}", agent_socket=True))
+        return
+    client = AdminClient(server_target(ctx.server or None), cert_dir=ctx.cert_dir)
+    if domain:
+        served = served_domain(client)
+        if served.casefold().rstrip(".") != domain.casefold().rstrip("."):
+            client.close()
+            where = f"the domain {served}" if served else "no directory domain (it has no --directory)"
+            raise CommandError(f"the policy server at {client.target} serves {where}, not {domain}")
+    ctx.use(client)
+
+
+def served_domain(client: AdminClient) -> str:
+    """The DNS domain of the policy server's directory (its base DN's DC= parts), "" without --directory."""
+    from policyagent.directory.connector import domain_of  # ldap3: only when domain= is given
+
+    status = client.directory_status()
+    if status.state in (directory_pb.DIRECTORY_STATE_NOT_CONFIGURED, directory_pb.DIRECTORY_STATE_UNSPECIFIED):
+        return ""
+    return domain_of(status.base_dn)
+
+
+def show_store(ctx: Context, inv: Invocation) -> None:
+    if ctx.json:
+        ctx.say(json.dumps({"location": ctx.location, "target": ctx.client.target}))
+        return
+    ctx.say(f"Store: {ctx.store_label()}")
+
+
 def exportpolicy(ctx: Context, inv: Invocation) -> None:
     text = exportfmt.dumps(ctx.client.export_policies())
     path = Path(_str(inv.get("file")))
@@ -706,6 +768,8 @@ HANDLERS: dict[tuple[str, ...], Handler] = {
     ("set", "defaultrule"): set_defaultrule,
     ("show", "all"): show_all,
     ("delete", "all"): delete_all,
+    ("set", "store"): set_store,
+    ("show", "store"): show_store,
     ("exportpolicy",): exportpolicy,
     ("importpolicy",): importpolicy,
     ("restoredefaults",): restoredefaults,

@@ -15,6 +15,7 @@ command failed) or 2 (the command line is malformed); --debug adds the traceback
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Iterable, Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from clients.netsh import dynamic, helptext
-from clients.netsh.client import AdminClient, server_target
+from clients.netsh.client import AdminClient, is_agent_store_socket, server_target
 from clients.netsh.commands import Context, run
 from clients.netsh.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UsageError
 from clients.netsh.syntax import HELP_TOKENS, HelpRequest, parse_args, resolve_command, resolve_prefix, split_line
@@ -245,11 +246,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse_options(args)
     except UsageError as exc:
         return _report(exc, err, "netsh: ", debug)
-    client = AdminClient(server_target(opts.server), cert_dir=opts.cert_dir)
+    target = server_target(opts.server)
+    on_agent = is_agent_store_socket(target)
+    client = AdminClient(target, cert_dir=opts.cert_dir, agent_socket=on_agent)
     agent = dynamic.DynamicContext(
         opts.server, json=opts.json, out=out, computer=opts.computer, cert_dir=opts.cert_dir
     )
-    shell = Shell(Context(client, json=opts.json, out=out), out, debug=opts.debug, dynamic_ctx=agent)
+    ctx = Context(
+        client,
+        json=opts.json,
+        out=out,
+        server="" if on_agent else (opts.server or ""),
+        cert_dir=opts.cert_dir,
+        agent_dir=os.path.dirname(target.removeprefix("unix:") if on_agent else dynamic.agent_socket(None)),
+    )
+    shell = Shell(ctx, out, debug=opts.debug, dynamic_ctx=agent)
     try:
         if opts.script is not None:
             # Words after -f name the context the script starts in (`netsh -f FILE ipsec static`).
@@ -274,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         return _report(exc, err, "netsh: ", opts.debug)
     finally:
-        client.close()
+        ctx.client.close()
         agent.close()
 
 

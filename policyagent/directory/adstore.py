@@ -73,8 +73,10 @@ __all__ = [
     "object_guid",
     "policy_entries",
     "publish",
+    "published_policy_ids",
     "read_entries",
     "read_policies",
+    "select_policies",
 ]
 
 Value = str | bytes
@@ -843,8 +845,9 @@ def _action(e: Entry) -> uuid.UUID:
     return action
 
 
-def contents_from_entries(entries: Iterable[Entry]) -> pb.StoreContents:
-    """Every policy, filter list and (standard) filter action in the entries, in the entries' order.
+def contents_from_entries(entries: Iterable[Entry], policy_ids: Iterable[str] | None = None) -> pb.StoreContents:
+    """Every policy, filter list and (standard) filter action in the entries, in the entries' order — or, with
+    `policy_ids`, those policies and the filter lists / actions their rules use (a missing id is an error).
 
     References are resolved by DN (case- and space-insensitively). Objects that belong to nothing (an NFA
     outside every policy, ref §1.7) and entries that are not CN=<class>{GUID} policy objects are ignored;
@@ -852,7 +855,7 @@ def contents_from_entries(entries: Iterable[Entry]) -> pb.StoreContents:
     dangling reference or unmappable value raises DirectoryPolicyError naming the DN; nothing is returned then.
     Revisions, modification times and ``assigned`` are left 0/false.
     """
-    return _Importer(entries).contents(None)
+    return _Importer(entries).contents(None if policy_ids is None else list(policy_ids))
 
 
 # ============================================================================= LDIF (RFC 2849)
@@ -1082,6 +1085,49 @@ def read_policies(conn: Any, base_dn: str, policy_ids: Iterable[str] | None = No
     lists / actions their rules use), sorted by name then id. A requested id that is missing, or any
     object that cannot be imported, raises DirectoryPolicyError."""
     return _sorted_contents(_Importer(read_entries(conn, base_dn)).contents(policy_ids))
+
+
+def _guid_form(text: str) -> str | None:
+    """"{GUID}" upper case for a GUID typed with or without braces, any case; else None."""
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        stripped = stripped[1:-1]
+    try:
+        return _guid_text(uuid.UUID(stripped))
+    except ValueError:
+        return None
+
+
+def select_policies(entries: Sequence[Entry], refs: Iterable[str]) -> list[str]:
+    """The model ids of the ipsecPolicy objects the refs name: an id (a GUID in any case or braces, or the
+    ipsecID as is) or a name (ipsecName, case-insensitive). Nothing is decoded, so a corrupt object elsewhere
+    does not stop the selection. DirectoryPolicyError names a ref that matches nothing or more than one."""
+    policies = [e for e in entries if _ipsec_class(e) == POLICY]
+    by_id: dict[str, str] = {}
+    for e in policies:
+        pid = _model_id(e)
+        by_id[pid] = pid
+        by_id.setdefault(_guid_form(pid) or pid, pid)
+    out: list[str] = []
+    for ref in refs:
+        text = ref.strip()
+        found = by_id.get(text) or by_id.get(_guid_form(text) or text)
+        if found is None:
+            key = text.casefold()
+            named = sorted({_model_id(e) for e in policies if e.text("ipsecName").strip().casefold() == key})
+            if len(named) > 1:
+                raise DirectoryPolicyError(f'policy "{text}": {len(named)} policies have this name; give the id')
+            if not named:
+                raise DirectoryPolicyError(f'policy "{text}": not found in the directory')
+            found = named[0]
+        if found not in out:
+            out.append(found)
+    return out
+
+
+def published_policy_ids(conn: Any, base_dn: str, policy_ids: Iterable[str]) -> list[str]:
+    """Those of `policy_ids` whose ipsecPolicy object exists where publish puts it (one base search each)."""
+    return [pid for pid in policy_ids if _read(conn, object_dn(POLICY, object_guid(pid), base_dn), ["1.1"]) is not None]
 
 
 # ----------------------------------------------------------------------------- publish

@@ -80,6 +80,12 @@ class ProtectedError(PolicyError):
     code = "protected"
 
 
+class UnavailableError(PolicyError):
+    """Something the request needs is unreachable (e.g. the directory); the message says what and why."""
+
+    code = "unavailable"
+
+
 class StoreError(PolicyError):
     """The store cannot serve the request (corrupt, unavailable, locked)."""
 

@@ -618,6 +618,23 @@ WIDE = Setting("wide", ValueKind.BOOL, "Table format: do not truncate columns.",
 RESOLVEDNS = Setting("resolvedns", ValueKind.BOOL, "Show DNS names next to addresses.", default="no")
 RULETYPE = Setting("type", ValueKind.CHOICE, "Which rules to show.", choices=("tunnel", "transport"))
 FILE = Setting("file", ValueKind.FILE, "Path of the export file.")
+LOCATION = Setting(
+    "location",
+    ValueKind.CHOICE,
+    "Which store the static commands that follow edit.",
+    choices=("local", "persistent", "domain"),
+    details=(
+        "local and persistent: this computer's agent (its local and persistent stores, on "
+        "STATE_DIR/agent.sock and STATE_DIR/persistent.sock); domain: the policy server (-r), whose store "
+        "the domain's computers get their policies from."
+    ),
+)
+DOMAIN = Setting(
+    "domain",
+    ValueKind.NAME,
+    "The domain whose store to use (location=domain only).",
+    details="Checked against the domain of the policy server's directory (policyagent server --directory).",
+)
 
 
 @dataclass(frozen=True)
@@ -809,6 +826,18 @@ STATIC_COMMANDS: tuple[Command, ...] = (
     ),
     Command(("show", "all"), "Shows every policy, filter list and filter action.", (*_SHOW, _p(RESOLVEDNS))),
     Command(("delete", "all"), "Deletes every policy, filter list and filter action in the store."),
+    Command(
+        ("set", "store"),
+        "Chooses the store the following static commands in this netsh session edit.",
+        (_p(LOCATION, True), _p(DOMAIN)),
+        remarks=(
+            "The choice lasts for this netsh session (a script, or interactive mode). The local store's "
+            "assigned policy applies when the domain assigns none; the persistent store's applies at boot "
+            "and in addition to the others."
+        ),
+        positional=("location", "domain"),
+    ),
+    Command(("show", "store"), "Shows which store the static commands edit."),
     Command(
         ("exportpolicy",),
         "Writes every object of the store to a file (docs/export-format.md).",

@@ -38,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policyagent.auth.service import EnrollmentServicer, EnrollmentSettings
+from policyagent.directory.sync import DirectorySettings, DirectorySync
 from policyagent.model.defaults import restore_defaults_plan
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, enroll_grpc
 from policyagent.pki.authz import AuthzInterceptor
@@ -46,6 +47,8 @@ from policyagent.pki.server import ServerPki
 from policyagent.server.admin import SERVICE_NAME, PolicyAdminServicer, add_to_server
 from policyagent.server.assignment import SERVICE_NAME as ASSIGNMENT_SERVICE
 from policyagent.server.assignment import AssignmentParts, add_assignment_to_server, open_assignment
+from policyagent.server.directory import SERVICE_NAME as DIRECTORY_SERVICE
+from policyagent.server.directory import DirectoryService, PublishingPolicyStore, add_directory_to_server
 from policyagent.server.hub import (
     AGENT_RELAY_SERVICE,
     DISTRIBUTION_SERVICE,
@@ -88,6 +91,9 @@ class ServerConfig:
     kerberos_keytab: Path | None = None
     kerberos_principal: str | None = None
     workgroup_secret_file: Path | None = None
+    # An LDAP directory (AD / OpenLDAP) that feeds the assignment registry; None = the registry is
+    # managed with `policyagent ou|computer|gpo ...` only.
+    directory: DirectorySettings | None = None
 
 
 # ------------------------------------------------------------ listen address
@@ -288,6 +294,8 @@ class PolicyServer:
         self.assignment: AssignmentParts | None = None
         # The distribution hub (agents' streams, fleet records); None before start().
         self.hub: Hub | None = None
+        # The directory sync (policyagent/server/directory.py); None without --directory.
+        self.directory: DirectoryService | None = None
 
     @property
     def address(self) -> str:
@@ -333,6 +341,11 @@ class PolicyServer:
 
     async def start(self) -> str:
         """Open the store, bind and serve. Returns the bound address."""
+        if self._config.directory is not None:
+            try:
+                self._config.directory.check()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         data_dir = prepare_data_dir(self._config.data_dir)
         store_path = data_dir / STORE_FILE
         self._lock_fd = lock_data_dir(data_dir)
@@ -358,8 +371,23 @@ class PolicyServer:
                 interceptors=[AuthzInterceptor(pki.revocations)],
                 options=[("grpc.so_reuseport", 0), *GRPC_MESSAGE_OPTIONS, *SERVER_CONNECTION_OPTIONS],
             )
-            add_to_server(PolicyAdminServicer(self._store, self._executor), server)
-            add_assignment_to_server(self.assignment, server, self._executor)
+            if self._config.directory is not None:
+                sync = DirectorySync(
+                    self._config.directory, data_dir, self.assignment.topology_store, self.assignment.policy_store
+                )
+                self.directory = DirectoryService(self._config.directory, sync, self._executor)
+                # Before serving: the directory's objects in the registry are protected from the start,
+                # even while the directory is down.
+                await self.directory.load()
+            admin_store: PolicyStore = self._store
+            if self.directory is not None and self.directory.settings.publish:
+                # --directory-publish: admins' policy writes republish what the directory already holds.
+                admin_store = PublishingPolicyStore(self._store, self.directory.policies_written)
+            add_to_server(PolicyAdminServicer(admin_store, self._executor), server)
+            add_assignment_to_server(
+                self.assignment, server, self._executor, self.directory.sync if self.directory is not None else None
+            )
+            add_directory_to_server(self.directory, server, self.assignment.policy_store, self._executor)
             # Join tokens, revocation and the certificate list for remote admins (same thread as the store).
             add_identity_to_server(
                 IdentityAdminServicer(pki.identity, self._executor, self.reload_revocations), server
@@ -380,6 +408,7 @@ class PolicyServer:
                     SERVICE_NAME,
                     ASSIGNMENT_SERVICE,
                     IDENTITY_SERVICE,
+                    DIRECTORY_SERVICE,
                     ENROLLMENT_SERVICE,
                     DISTRIBUTION_SERVICE,
                     FLEET_SERVICE,
@@ -394,6 +423,11 @@ class PolicyServer:
             enroll_port = self._bind(server, self._enroll_listen, pki.server_credentials(client_certificates=False))
             await server.start()
             await self.hub.start()
+            if self.directory is not None:
+                hub = self.hub
+                self.directory.set_status_listener(hub.touch_status)
+                hub.directory_status = self.directory.status
+                await self.directory.start()
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
@@ -413,7 +447,13 @@ class PolicyServer:
         if upsert is None:
             return None
 
+        directory = self.directory
+
         def record(name: str, membership: Any, domain: str) -> None:
+            if directory is not None and directory.sync.owns_computer(name):
+                # The directory says where this computer is (OU, groups, domain): enrolling changes none of it.
+                _log.info("enrolled computer comes from the directory; registry left as is", extra={"computer": name})
+                return
             upsert(name, membership, domain, principal="enrollment")
 
         return record
@@ -457,6 +497,8 @@ class PolicyServer:
         _log.info("stopping")
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.directory is not None:
+            await self.directory.stop()
         if self.hub is not None:
             await self.hub.stop()  # ends the agents' streams, persists the fleet records
         if self._server is not None:

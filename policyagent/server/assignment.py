@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from grpc import aio
 
@@ -40,7 +40,7 @@ from policyagent.model.assignment import (
     Site,
     Topology,
 )
-from policyagent.model.errors import NotFoundError, ValidationError, Violation
+from policyagent.model.errors import NotFoundError, ProtectedError, ValidationError, Violation
 from policyagent.model.objects import Kind, normalize_id
 from policyagent.pb import assign_grpc, assign_pb, dist_pb
 from policyagent.server.admin import principal_of, run_logged
@@ -262,11 +262,25 @@ def change_to_proto(r: TopologyChangeRecord) -> assign_pb.TopologyChange:
 # ------------------------------------------------------------------ operations (blocking)
 
 
-class AssignmentOps:
-    """The plain functions behind the servicer, over the parts (run in the store thread)."""
+class DirectoryGuard(Protocol):
+    """What the directory sync offers the registry API: refusing local edits of the objects it owns."""
 
-    def __init__(self, parts: AssignmentParts) -> None:
+    def check_local_write(self, mutations: Iterable[TopologyMutation]) -> None:
+        """Raise ProtectedError naming the object if a mutation changes a directory-owned object."""
+
+    def owns_gpo(self, gpo_id: str) -> bool: ...
+
+
+class AssignmentOps:
+    """The plain functions behind the servicer, over the parts (run in the store thread).
+
+    `directory` (the server's directory sync, when it has one) refuses local edits of objects the
+    directory owns: the next sync would silently undo them.
+    """
+
+    def __init__(self, parts: AssignmentParts, directory: DirectoryGuard | None = None) -> None:
         self.parts = parts
+        self.directory = directory
 
     def get_topology(self) -> assign_pb.Topology:
         topology, revision = self.parts.topology_store.snapshot()
@@ -289,11 +303,18 @@ class AssignmentOps:
 
     def apply(self, request: assign_pb.TopologyApplyRequest, principal: str) -> assign_pb.TopologyApplyResponse:
         mutations = [mutation_from_proto(m, i) for i, m in enumerate(request.mutations, start=1)]
+        if self.directory is not None:
+            self.directory.check_local_write(mutations)
         return self._write(mutations, principal, request.operation)
 
     def set_gpo_policy(self, request: assign_pb.SetGpoPolicyRequest, principal: str) -> assign_pb.Gpo:
         topology, _ = self.parts.topology_store.snapshot()
         gpo = _find_gpo(topology, request.gpo)
+        if self.directory is not None and self.directory.owns_gpo(gpo.id):
+            raise ProtectedError(
+                f'GPO "{gpo.name}" comes from the directory: assign its IPsec policy in the directory '
+                "(policyagent directory assign ...); a local assignment would be overwritten by the next sync"
+            )
         policy_id = ""
         if request.policy.strip():
             policy_id = self._policy_id(request.policy)
@@ -370,8 +391,8 @@ def _find_gpo(topology: Topology, ref: str) -> Gpo:
 class AssignmentAdminServicer(assign_grpc.AssignmentAdminServicer):
     """grpc.aio servicer for policyagent.v1.AssignmentAdmin; `executor` is the store thread."""
 
-    def __init__(self, parts: AssignmentParts, executor: Executor) -> None:
-        self._ops = AssignmentOps(parts)
+    def __init__(self, parts: AssignmentParts, executor: Executor, directory: DirectoryGuard | None = None) -> None:
+        self._ops = AssignmentOps(parts, directory)
         self._executor = executor
 
     async def _call(self, context: aio.ServicerContext[Any, Any], method: str, work: Callable[..., T], *args: Any) -> T:
@@ -401,6 +422,8 @@ class AssignmentAdminServicer(assign_grpc.AssignmentAdminServicer):
         return await self._call(context, "ListTopologyChanges", self._ops.list_changes, request)
 
 
-def add_assignment_to_server(parts: AssignmentParts, server: aio.Server, executor: Executor) -> None:
+def add_assignment_to_server(
+    parts: AssignmentParts, server: aio.Server, executor: Executor, directory: DirectoryGuard | None = None
+) -> None:
     """Register AssignmentAdmin on a grpc.aio server."""
-    assign_grpc.add_AssignmentAdminServicer_to_server(AssignmentAdminServicer(parts, executor), server)
+    assign_grpc.add_AssignmentAdminServicer_to_server(AssignmentAdminServicer(parts, executor, directory), server)

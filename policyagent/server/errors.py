@@ -28,6 +28,7 @@ from policyagent.model.errors import (
     PolicyError,
     ProtectedError,
     StoreError,
+    UnavailableError,
     ValidationError,
     Violation,
 )
@@ -70,6 +71,7 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry(
             ProtectedError, grpc.StatusCode.FAILED_PRECONDITION, "the operation is not allowed"
         ),
+        CatalogEntry(UnavailableError, grpc.StatusCode.UNAVAILABLE, "a service the request needs is unreachable"),
         CatalogEntry(
             StoreError,
             grpc.StatusCode.UNAVAILABLE,

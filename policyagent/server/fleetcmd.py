@@ -121,6 +121,9 @@ def render(status: fleet_pb.FleetStatus, out: TextIO) -> None:
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5], file=out)
     print(progress_line(status), file=out)
+    from policyagent.server.directorycmd import summary_line
+
+    print(summary_line(status.directory), file=out)
 
 
 def _iso(ms: int) -> str:

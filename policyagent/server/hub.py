@@ -56,7 +56,7 @@ from grpc import aio
 
 from policyagent.agent.relay import RELAY_FEATURE, RELAY_METHODS, not_relayed
 from policyagent.model.errors import NotFoundError
-from policyagent.pb import dist_grpc, dist_pb, fleet_grpc, fleet_pb, relay_grpc, relay_pb
+from policyagent.pb import directory_pb, dist_grpc, dist_pb, fleet_grpc, fleet_pb, relay_grpc, relay_pb
 from policyagent.server.audit import AUDIT_FILE, AuditStore
 from policyagent.server.fleet import (
     FLEET_FILE,
@@ -253,6 +253,8 @@ class Hub:
         self._unsubscribe: Any = None
         self.relay_timeout_s = RELAY_TIMEOUT_S
         self._relay_ids = itertools.count(1)
+        # The directory sync's state for FleetStatus.directory (None: no directory, "not configured").
+        self.directory_status: Callable[[], directory_pb.DirectoryStatus] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -713,7 +715,19 @@ class Hub:
         records = [r for r in self.registry.records.values() if not wanted or r.computer in wanted]
         names = [r.computer for r in records]
         desired = await self._blocking(self._versions_of, names)
-        return fleet_status(records, desired, _now_ms(), int(self.stale_after_s * 1000))
+        out = fleet_status(records, desired, _now_ms(), int(self.stale_after_s * 1000))
+        if self.directory_status is not None:
+            out.directory.CopyFrom(self.directory_status())
+        else:
+            out.directory.state = directory_pb.DIRECTORY_STATE_NOT_CONFIGURED
+        return out
+
+    def touch_status(self) -> None:
+        """Something the fleet status shows besides the agents changed (the directory's state): wake watchers.
+
+        Event loop only."""
+        for event in self._watchers:
+            event.set()
 
     async def audit_events(self, request: fleet_pb.FleetAuditRequest) -> fleet_pb.FleetAuditEvents:
         """Fleet.ListAuditEvents: the forwarded audit events matching, from the audit store (flush thread)."""

@@ -23,34 +23,35 @@ _sym_db = _symbol_database.Default()
 
 
 from policyagent._proto.policyagent.v1 import agent_pb2 as policyagent_dot_v1_dot_agent__pb2
+from policyagent._proto.policyagent.v1 import directory_pb2 as policyagent_dot_v1_dot_directory__pb2
 from policyagent._proto.policyagent.v1 import distribution_pb2 as policyagent_dot_v1_dot_distribution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apolicyagent/v1/fleet.proto\x12\x0epolicyagent.v1\x1a\x1apolicyagent/v1/agent.proto\x1a!policyagent/v1/distribution.proto\"\'\n\x12\x46leetStatusRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\"\xda\x03\n\nFleetAgent\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.policyagent.v1.AgentState\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65sired_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x05 \x01(\t\x12\x19\n\x11last_nack_version\x18\x06 \x01(\t\x12\x18\n\x10last_nack_reason\x18\x07 \x01(\t\x12\x19\n\x11last_nack_unix_ms\x18\x08 \x01(\x03\x12\x18\n\x10last_ack_unix_ms\x18\t \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\n \x01(\x03\x12\x1f\n\x17\x63onnected_since_unix_ms\x18\x0b \x01(\x03\x12\x18\n\x10running_on_cache\x18\x0c \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\r \x01(\x03\x12\x32\n\x0c\x63\x61pabilities\x18\x0e \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12\x0c\n\x04peer\x18\x10 \x01(\t\x12\x17\n\x0frevoked_unix_ms\x18\x11 \x01(\x03\"\xdc\x01\n\x0b\x46leetStatus\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12*\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x1a.policyagent.v1.FleetAgent\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0f\n\x07in_sync\x18\x04 \x01(\r\x12\x0f\n\x07pending\x18\x05 \x01(\r\x12\x10\n\x08rejected\x18\x06 \x01(\r\x12\r\n\x05stale\x18\x07 \x01(\r\x12\x0f\n\x07offline\x18\x08 \x01(\r\x12\x10\n\x08on_cache\x18\t \x01(\r\x12\x0f\n\x07revoked\x18\n \x01(\r\"p\n\x11\x46leetAuditRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x15\n\rsince_unix_ms\x18\x03 \x01(\x03\x12\x15\n\runtil_unix_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"n\n\x10\x46leetAuditEvents\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12*\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1a.policyagent.v1.AuditEvent\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"+\n\x16\x46leetStatisticsRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\"\x8a\x01\n\x17\x46leetComputerStatistics\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\x18\n\x10received_unix_ms\x18\x03 \x01(\x03\x12\x33\n\nstatistics\x18\x04 \x01(\x0b\x32\x1f.policyagent.v1.IpsecStatistics\"\xdb\x01\n\x0f\x46leetStatistics\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12:\n\tcomputers\x18\x02 \x03(\x0b\x32\'.policyagent.v1.FleetComputerStatistics\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.policyagent.v1.IpsecStatistics\x12\x11\n\treporting\x18\x04 \x01(\r\x12\x14\n\x0cipsec_active\x18\x05 \x01(\r\x12\x15\n\rnot_reporting\x18\x06 \x03(\t*\xbe\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x01\x12\x15\n\x11\x41GENT_STATE_STALE\x10\x02\x12\x18\n\x14\x41GENT_STATE_REJECTED\x10\x03\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x04\x12\x17\n\x13\x41GENT_STATE_IN_SYNC\x10\x05\x12\x17\n\x13\x41GENT_STATE_REVOKED\x10\x06\x32\xd0\x02\n\x05\x46leet\x12I\n\x06Status\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus\x12J\n\x05Watch\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus0\x01\x12V\n\x0fListAuditEvents\x12!.policyagent.v1.FleetAuditRequest\x1a .policyagent.v1.FleetAuditEvents\x12X\n\rGetStatistics\x12&.policyagent.v1.FleetStatisticsRequest\x1a\x1f.policyagent.v1.FleetStatisticsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apolicyagent/v1/fleet.proto\x12\x0epolicyagent.v1\x1a\x1apolicyagent/v1/agent.proto\x1a\x1epolicyagent/v1/directory.proto\x1a!policyagent/v1/distribution.proto\"\'\n\x12\x46leetStatusRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\"\xda\x03\n\nFleetAgent\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.policyagent.v1.AgentState\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65sired_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x05 \x01(\t\x12\x19\n\x11last_nack_version\x18\x06 \x01(\t\x12\x18\n\x10last_nack_reason\x18\x07 \x01(\t\x12\x19\n\x11last_nack_unix_ms\x18\x08 \x01(\x03\x12\x18\n\x10last_ack_unix_ms\x18\t \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\n \x01(\x03\x12\x1f\n\x17\x63onnected_since_unix_ms\x18\x0b \x01(\x03\x12\x18\n\x10running_on_cache\x18\x0c \x01(\x08\x12\x1b\n\x13\x63\x61\x63he_since_unix_ms\x18\r \x01(\x03\x12\x32\n\x0c\x63\x61pabilities\x18\x0e \x01(\x0b\x32\x1c.policyagent.v1.Capabilities\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12\x0c\n\x04peer\x18\x10 \x01(\t\x12\x17\n\x0frevoked_unix_ms\x18\x11 \x01(\x03\"\x90\x02\n\x0b\x46leetStatus\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12*\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x1a.policyagent.v1.FleetAgent\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0f\n\x07in_sync\x18\x04 \x01(\r\x12\x0f\n\x07pending\x18\x05 \x01(\r\x12\x10\n\x08rejected\x18\x06 \x01(\r\x12\r\n\x05stale\x18\x07 \x01(\r\x12\x0f\n\x07offline\x18\x08 \x01(\r\x12\x10\n\x08on_cache\x18\t \x01(\r\x12\x0f\n\x07revoked\x18\n \x01(\r\x12\x32\n\tdirectory\x18\x0b \x01(\x0b\x32\x1f.policyagent.v1.DirectoryStatus\"p\n\x11\x46leetAuditRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x15\n\rsince_unix_ms\x18\x03 \x01(\x03\x12\x15\n\runtil_unix_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"n\n\x10\x46leetAuditEvents\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12*\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1a.policyagent.v1.AuditEvent\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"+\n\x16\x46leetStatisticsRequest\x12\x11\n\tcomputers\x18\x01 \x03(\t\"\x8a\x01\n\x17\x46leetComputerStatistics\x12\x10\n\x08\x63omputer\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\x18\n\x10received_unix_ms\x18\x03 \x01(\x03\x12\x33\n\nstatistics\x18\x04 \x01(\x0b\x32\x1f.policyagent.v1.IpsecStatistics\"\xdb\x01\n\x0f\x46leetStatistics\x12\x1b\n\x13server_time_unix_ms\x18\x01 \x01(\x03\x12:\n\tcomputers\x18\x02 \x03(\x0b\x32\'.policyagent.v1.FleetComputerStatistics\x12/\n\x06totals\x18\x03 \x01(\x0b\x32\x1f.policyagent.v1.IpsecStatistics\x12\x11\n\treporting\x18\x04 \x01(\r\x12\x14\n\x0cipsec_active\x18\x05 \x01(\r\x12\x15\n\rnot_reporting\x18\x06 \x03(\t*\xbe\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_OFFLINE\x10\x01\x12\x15\n\x11\x41GENT_STATE_STALE\x10\x02\x12\x18\n\x14\x41GENT_STATE_REJECTED\x10\x03\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x04\x12\x17\n\x13\x41GENT_STATE_IN_SYNC\x10\x05\x12\x17\n\x13\x41GENT_STATE_REVOKED\x10\x06\x32\xd0\x02\n\x05\x46leet\x12I\n\x06Status\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus\x12J\n\x05Watch\x12\".policyagent.v1.FleetStatusRequest\x1a\x1b.policyagent.v1.FleetStatus0\x01\x12V\n\x0fListAuditEvents\x12!.policyagent.v1.FleetAuditRequest\x1a .policyagent.v1.FleetAuditEvents\x12X\n\rGetStatistics\x12&.policyagent.v1.FleetStatisticsRequest\x1a\x1f.policyagent.v1.FleetStatisticsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policyagent.v1.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTSTATE']._serialized_start=1485
-  _globals['_AGENTSTATE']._serialized_end=1675
-  _globals['_FLEETSTATUSREQUEST']._serialized_start=109
-  _globals['_FLEETSTATUSREQUEST']._serialized_end=148
-  _globals['_FLEETAGENT']._serialized_start=151
-  _globals['_FLEETAGENT']._serialized_end=625
-  _globals['_FLEETSTATUS']._serialized_start=628
-  _globals['_FLEETSTATUS']._serialized_end=848
-  _globals['_FLEETAUDITREQUEST']._serialized_start=850
-  _globals['_FLEETAUDITREQUEST']._serialized_end=962
-  _globals['_FLEETAUDITEVENTS']._serialized_start=964
-  _globals['_FLEETAUDITEVENTS']._serialized_end=1074
-  _globals['_FLEETSTATISTICSREQUEST']._serialized_start=1076
-  _globals['_FLEETSTATISTICSREQUEST']._serialized_end=1119
-  _globals['_FLEETCOMPUTERSTATISTICS']._serialized_start=1122
-  _globals['_FLEETCOMPUTERSTATISTICS']._serialized_end=1260
-  _globals['_FLEETSTATISTICS']._serialized_start=1263
-  _globals['_FLEETSTATISTICS']._serialized_end=1482
-  _globals['_FLEET']._serialized_start=1678
-  _globals['_FLEET']._serialized_end=2014
+  _globals['_AGENTSTATE']._serialized_start=1569
+  _globals['_AGENTSTATE']._serialized_end=1759
+  _globals['_FLEETSTATUSREQUEST']._serialized_start=141
+  _globals['_FLEETSTATUSREQUEST']._serialized_end=180
+  _globals['_FLEETAGENT']._serialized_start=183
+  _globals['_FLEETAGENT']._serialized_end=657
+  _globals['_FLEETSTATUS']._serialized_start=660
+  _globals['_FLEETSTATUS']._serialized_end=932
+  _globals['_FLEETAUDITREQUEST']._serialized_start=934
+  _globals['_FLEETAUDITREQUEST']._serialized_end=1046
+  _globals['_FLEETAUDITEVENTS']._serialized_start=1048
+  _globals['_FLEETAUDITEVENTS']._serialized_end=1158
+  _globals['_FLEETSTATISTICSREQUEST']._serialized_start=1160
+  _globals['_FLEETSTATISTICSREQUEST']._serialized_end=1203
+  _globals['_FLEETCOMPUTERSTATISTICS']._serialized_start=1206
+  _globals['_FLEETCOMPUTERSTATISTICS']._serialized_end=1344
+  _globals['_FLEETSTATISTICS']._serialized_start=1347
+  _globals['_FLEETSTATISTICS']._serialized_end=1566
+  _globals['_FLEET']._serialized_start=1762
+  _globals['_FLEET']._serialized_end=2098
 # @@protoc_insertion_point(module_scope)

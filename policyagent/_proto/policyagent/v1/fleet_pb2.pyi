@@ -13,6 +13,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from policyagent._proto.policyagent.v1 import agent_pb2 as _agent_pb2
+from policyagent._proto.policyagent.v1 import directory_pb2 as _directory_pb2
 from policyagent._proto.policyagent.v1 import distribution_pb2 as _distribution_pb2
 import builtins as _builtins
 import sys
@@ -169,6 +170,7 @@ class FleetStatus(_message.Message):
     OFFLINE_FIELD_NUMBER: _builtins.int
     ON_CACHE_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    DIRECTORY_FIELD_NUMBER: _builtins.int
     server_time_unix_ms: _builtins.int
     total: _builtins.int
     in_sync: _builtins.int
@@ -181,6 +183,12 @@ class FleetStatus(_message.Message):
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___FleetAgent]:
         """sorted by computer name"""
+
+    @_builtins.property
+    def directory(self) -> _directory_pb2.DirectoryStatus:
+        """The directory that feeds the registry: in sync, or down since when and why (state
+        DIRECTORY_STATE_NOT_CONFIGURED without --directory).
+        """
 
     def __init__(
         self,
@@ -195,10 +203,11 @@ class FleetStatus(_message.Message):
         offline: _builtins.int = ...,
         on_cache: _builtins.int = ...,
         revoked: _builtins.int = ...,
+        directory: _directory_pb2.DirectoryStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["directory", b"directory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "in_sync", b"in_sync", "offline", b"offline", "on_cache", b"on_cache", "pending", b"pending", "rejected", b"rejected", "revoked", b"revoked", "server_time_unix_ms", b"server_time_unix_ms", "stale", b"stale", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "directory", b"directory", "in_sync", b"in_sync", "offline", b"offline", "on_cache", b"on_cache", "pending", b"pending", "rejected", b"rejected", "revoked", b"revoked", "server_time_unix_ms", b"server_time_unix_ms", "stale", b"stale", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1025 @@
+"""Keep the assignment registry in line with an LDAP directory (issue 5): the logic, without asyncio.
+
+The server's thin asyncio task (policyagent/server/directory.py) drives a `DirectorySync` through
+these steps, LDAP calls in their own worker thread and registry/policy-store calls in the store
+thread:
+
+    marker, read = sync.read_directory(full)          # LDAP thread; read None = nothing changed
+    missing = sync.missing_policies(read)             # store thread: GPO policies the store lacks
+    fetched = sync.fetch_policies(missing)            # LDAP thread: [MS-GPIPSEC] read of those
+    outcome = sync.apply(read, fetched, now_ms)       # store thread: import, diff, one write, persist
+
+**Owned snapshot.** What the last applied read gave the registry (plus deleted objects kept because
+local objects still use them) is "what the directory owns". It is persisted in the data directory
+(`directory-owned.json`, written atomically, 0600) so that a server restarted while the directory is
+down still knows it: nothing is deleted or re-added until the directory answers again.
+
+**Diff** (`plan_sync`, pure): the directory's objects are compared with the registry as it is now —
+not with the previous read — so drift is repaired too (reconcile, don't replay). Only objects that
+differ become upserts; owned objects the directory no longer has become deletes; objects created
+locally (`policyagent ou|computer|...`) are never touched, except on a key clash: the directory wins
+(its object replaces the local one and is owned from then on). The registry recomputes effective
+policies only for what the write changed, so an unchanged directory costs nothing.
+
+**Change markers** (`connector.change_marker`): OpenLDAP's contextCSN, AD's highestCommittedUSN (then
+uSNChanged under the base decides whether anything relevant changed). Unchanged → no read. AD cannot
+report deletions by USN (tombstones are hidden), so every `full_every`-th check reads everything anyway.
+
+**Policies** go through the same LDAP thread (`publish`, `assign`, `read_for_import`, `republish`: the
+[MS-GPIPSEC] library policyagent.directory.adstore), writes over a second, writable connection so that the
+sync's own connection stays read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+
+from policyagent.directory.connector import (
+    Bind,
+    ChangeMarkerKind,
+    DirectoryConfig,
+    DirectoryError,
+    change_marker,
+    connect,
+    read_topology,
+    usn_changed_dns,
+)
+from policyagent.model.assignment import (
+    Computer,
+    Gpo,
+    GpoLink,
+    Group,
+    OrgUnit,
+    Scope,
+    ScopeKind,
+    Site,
+    Topology,
+    canonical_domain,
+    check_name,
+    key_of,
+    parse_dn,
+    validate_computer,
+    validate_gpo,
+    validate_link,
+)
+from policyagent.model.errors import PolicyError, ProtectedError, ValidationError
+from policyagent.model.exportfmt import export_file, import_plan
+from policyagent.model.objects import Kind, normalize_id
+from policyagent.pb import assign_pb, pb
+from policyagent.store.base import PolicyStore
+from policyagent.store.topology import (
+    COMPUTER,
+    GPO,
+    GROUP,
+    LINK,
+    OU,
+    SITE,
+    DeleteObject,
+    PutObject,
+    TopologyMutation,
+    TopologyObject,
+    UpsertComputer,
+    link_key,
+)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ldap3.core.exceptions import LDAPException
+
+_log = logging.getLogger("policyagent.directory.sync")
+
+OWNED_FILE = "directory-owned.json"
+OWNED_FORMAT = "policyagent-directory-owned"
+OWNED_VERSION = 1
+PRINCIPAL = "directory"
+DEFAULT_INTERVAL_S = 15.0
+DEFAULT_FULL_EVERY = 10
+MAX_DESCRIPTION = 1024
+
+# What a failed directory call can raise: our own DirectoryError, ldap3's errors (socket, bind,
+# timeout, result codes), OS-level errors, and the import library's DirectoryPolicyError (a ValueError
+# subclass or not: see fetch_policies, which catches it per policy).
+DIRECTORY_ERRORS: tuple[type[Exception], ...] = (DirectoryError, LDAPException, OSError, TimeoutError)
+
+OwnedKey = tuple[str, str]  # (kind, registry key)
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    """What `policyagent server --directory ...` is told. The password stays in its file until connect."""
+
+    url: str
+    base_dn: str
+    bind: Bind = "simple"
+    user: str = ""
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    tls_name: str | None = None
+    starttls: bool = False
+    sites_base: str | None = None
+    interval_s: float = DEFAULT_INTERVAL_S
+    full_every: int = DEFAULT_FULL_EVERY  # every N-th check re-reads everything (AD deletions)
+    timeout_s: int = 10
+    # --directory-publish: republish policies already in the directory when the store changes them.
+    publish: bool = False
+
+    def check(self) -> None:
+        """Refuse an unusable configuration with one line naming the flag (ValueError)."""
+        if not self.url.strip():
+            raise ValueError("--directory: give the directory's URL (ldaps://, ldap:// or ldapi://)")
+        scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
+        if scheme not in ("ldap", "ldaps", "ldapi"):
+            raise ValueError(f"--directory {self.url}: the URL must start with ldaps://, ldap:// or ldapi://")
+        if not self.base_dn.strip():
+            raise ValueError("--directory-base: give the base DN of the domain, e.g. DC=corp,DC=example")
+        if self.bind not in ("simple", "external", "gssapi"):
+            raise ValueError(f"--directory-bind {self.bind}: use simple, external or gssapi")
+        if self.bind == "simple" and self.user and self.password_file is None:
+            raise ValueError("--directory-user needs --directory-password-file (passwords never on the command line)")
+        if self.starttls and scheme != "ldap":
+            raise ValueError("--directory-starttls goes with an ldap:// URL")
+        if self.interval_s <= 0:
+            raise ValueError("--directory-interval must be more than 0 seconds")
+        if self.full_every < 1:
+            raise ValueError("the full re-read period must be at least 1 interval")
+        if self.password_file is not None:
+            read_password(self.password_file)
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"--directory-ca {self.ca_file}: no such file")
+
+    def connector_config(self) -> DirectoryConfig:
+        password = read_password(self.password_file) if self.password_file is not None else ""
+        return DirectoryConfig(
+            url=self.url,
+            base_dn=self.base_dn,
+            bind=self.bind,
+            user=self.user,
+            password=password,
+            ca_file=str(self.ca_file) if self.ca_file is not None else None,
+            tls_name=self.tls_name,
+            starttls=self.starttls,
+            timeout=self.timeout_s,
+        )
+
+
+def read_password(path: Path) -> str:
+    """The bind password: the file's first line (ValueError naming the file, never its content)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--directory-password-file {path}: {exc.strerror or exc}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ValueError(f"--directory-password-file {path} is empty")
+    return password
+
+
+def safe_error(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """One line describing a directory failure, with any secret blanked out."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, LDAPException) and type(exc).__name__ not in text:
+        text = f"{type(exc).__name__}: {text}"
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text[:500]
+
+
+# ------------------------------------------------------------------ conversions
+
+
+def _scope_key(scope: Scope) -> str:
+    kind, key = scope.key
+    return f"{kind}:{key}"
+
+
+def owned_key(obj: TopologyObject) -> OwnedKey:
+    """(kind, key) as the registry keys the object (names case-insensitive, DNs casefolded)."""
+    if isinstance(obj, Computer):
+        return (COMPUTER, key_of(obj.name))
+    if isinstance(obj, OrgUnit):
+        return (OU, obj.dn.casefold())
+    if isinstance(obj, Site):
+        return (SITE, key_of(obj.name))
+    if isinstance(obj, Group):
+        return (GROUP, key_of(obj.name))
+    if isinstance(obj, Gpo):
+        return (GPO, obj.id)
+    return (LINK, f"{obj.gpo_id}@{_scope_key(obj.scope)}")
+
+
+def objects_of(topology: Topology) -> list[TopologyObject]:
+    out: list[TopologyObject] = [*topology.ous.values(), *topology.sites.values(), *topology.groups.values()]
+    out += [*topology.gpos.values(), *topology.computers.values(), *topology.links]
+    return out
+
+
+def keys_of(topology: Topology) -> frozenset[OwnedKey]:
+    return frozenset(owned_key(o) for o in objects_of(topology))
+
+
+def topology_from_proto(message: assign_pb.Topology) -> tuple[Topology, list[str]]:
+    """The model's Topology of a directory snapshot; objects that do not parse are left out (problems)."""
+    problems: list[str] = []
+    ous: list[OrgUnit] = []
+    for o in message.ous:
+        try:
+            ous.append(OrgUnit(str(parse_dn(o.dn)), o.block_inheritance, o.description[:MAX_DESCRIPTION]))
+        except ValidationError as exc:
+            problems.append(f'skipped OU "{o.dn}": {exc}')
+    links: list[GpoLink] = []
+    for lk in message.links:
+        try:
+            links.append(GpoLink(lk.gpo, Scope.parse(lk.scope), lk.order, lk.enforced, lk.enabled))
+        except ValidationError as exc:
+            problems.append(f"skipped the link of GPO {lk.gpo} at {lk.scope}: {exc}")
+    computers = [
+        Computer(c.name, "domain" if c.membership != "workgroup" else "workgroup", c.domain, c.ou, c.site,
+                 frozenset(c.groups))
+        for c in message.computers
+    ]
+    gpos = []
+    for g in message.gpos:
+        try:
+            gpos.append(Gpo(normalize_id(g.id), g.name, g.enabled, g.policy_id, g.description[:MAX_DESCRIPTION]))
+        except ValueError:
+            problems.append(f'skipped GPO "{g.name}": its id {g.id} is not a GUID')
+    topology = Topology.build(
+        computers,
+        ous,
+        [Site(s.name, s.description[:MAX_DESCRIPTION]) for s in message.sites],
+        [Group(g.name, g.description[:MAX_DESCRIPTION]) for g in message.groups],
+        gpos,
+        links,
+    )
+    return topology, problems
+
+
+def topology_to_proto(topology: Topology) -> assign_pb.Topology:
+    out = assign_pb.Topology()
+    for c in sorted(topology.computers.values(), key=lambda c: key_of(c.name)):
+        out.computers.add(name=c.name, membership=c.membership, domain=c.domain, ou=c.ou, site=c.site,
+                          groups=sorted(c.groups, key=key_of))
+    for o in sorted(topology.ous.values(), key=lambda o: o.dn.casefold()):
+        out.ous.add(dn=o.dn, block_inheritance=o.block_inheritance, description=o.description)
+    for s in sorted(topology.sites.values(), key=lambda s: key_of(s.name)):
+        out.sites.add(name=s.name, description=s.description)
+    for gr in sorted(topology.groups.values(), key=lambda g: key_of(g.name)):
+        out.groups.add(name=gr.name, description=gr.description)
+    for g in sorted(topology.gpos.values(), key=lambda g: g.id):
+        out.gpos.add(id=g.id, name=g.name, enabled=g.enabled, policy_id=g.policy_id, description=g.description)
+    for lk in sorted(topology.links, key=lambda lk: (_scope_key(lk.scope), lk.order, lk.gpo_id)):
+        out.links.add(gpo=lk.gpo_id, scope=str(lk.scope), order=lk.order, enforced=lk.enforced, enabled=lk.enabled)
+    return out
+
+
+def _same(a: TopologyObject, b: TopologyObject) -> bool:
+    return dataclasses.replace(a, revision=0) == dataclasses.replace(b, revision=0)
+
+
+# ------------------------------------------------------------------ the plan (pure)
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """The registry write that brings the registry in line with a directory read."""
+
+    mutations: tuple[TopologyMutation, ...]
+    owned: Topology  # what the directory owns once the write commits (the read, plus kept objects)
+    problems: tuple[str, ...]
+
+
+def _sanitize(directory: Topology, registry: Topology, owned: frozenset[OwnedKey]) -> tuple[Topology, list[str]]:
+    """The directory's objects the registry can take, references resolved; the rest named in problems."""
+    problems: list[str] = []
+    ous: dict[str, OrgUnit] = {}
+    for key in sorted(directory.ous, key=lambda k: len(directory.ous[k].parsed.ous)):  # parents first
+        ou = directory.ous[key]
+        parent = ou.parsed.parent
+        if parent is not None and parent.key not in ous and registry.org_unit(str(parent)) is None:
+            problems.append(f'skipped OU "{ou.dn}": its parent OU is not in the directory read')
+            continue
+        ous[key] = ou
+    sites: dict[str, Site] = {}
+    for key, site in directory.sites.items():
+        try:
+            check_name(site.name, "site", path=f'site "{site.name}"')
+        except ValidationError as exc:
+            problems.append(f"skipped {exc}")
+            continue
+        sites[key] = site
+    groups: dict[str, Group] = {}
+    for key, group in directory.groups.items():
+        try:
+            check_name(group.name, "group", path=f'group "{group.name}"')
+        except ValidationError as exc:
+            problems.append(f"skipped {exc}")
+            continue
+        groups[key] = group
+    gpos: dict[str, Gpo] = {}
+    taken = {key_of(g.name): g.id for g in registry.gpos.values() if (GPO, g.id) not in owned}
+    for gpo_id in sorted(directory.gpos):
+        gpo = directory.gpos[gpo_id]
+        holder = taken.get(key_of(gpo.name))
+        if holder is not None and holder != gpo_id:
+            # GPO names are unique in the registry; a local GPO (or another directory GPO) has this one.
+            renamed = f"{gpo.name} ({gpo_id})"
+            problems.append(f'GPO {gpo_id} "{gpo.name}": the name is taken in the registry; named "{renamed}"')
+            gpo = dataclasses.replace(gpo, name=renamed)
+        try:
+            validate_gpo(gpo)
+        except ValidationError as exc:
+            problems.append(f"skipped {exc}")
+            continue
+        taken[key_of(gpo.name)] = gpo_id
+        gpos[gpo_id] = gpo
+    computers: dict[str, Computer] = {}
+    for key, computer in directory.computers.items():
+        fixed = computer
+        if fixed.ou and fixed.ou.casefold() not in ous:
+            fixed = dataclasses.replace(fixed, ou="")
+        if fixed.site and key_of(fixed.site) not in sites:
+            fixed = dataclasses.replace(fixed, site="")
+        fixed = dataclasses.replace(fixed, groups=frozenset(g for g in fixed.groups if key_of(g) in groups))
+        try:
+            validate_computer(fixed)
+        except ValidationError as exc:
+            problems.append(f"skipped {exc}")
+            continue
+        computers[key] = fixed
+    domains = {o.parsed.domain for o in [*ous.values(), *registry.ous.values()]}
+    domains |= {canonical_domain(c.domain) for c in [*computers.values(), *registry.computers.values()]
+                if c.membership == "domain"}
+    by_scope: dict[str, list[GpoLink]] = {}
+    for link in directory.links:
+        where = f"the link of GPO {link.gpo_id} at {link.scope}"
+        if link.gpo_id not in gpos:
+            continue  # its GPO was skipped (said so above)
+        if link.scope.kind is ScopeKind.OU and link.scope.name.casefold() not in ous:
+            problems.append(f"skipped {where}: the OU is not in the directory read")
+            continue
+        if link.scope.kind is ScopeKind.SITE and key_of(link.scope.name) not in sites:
+            problems.append(f"skipped {where}: the site is not in the directory read")
+            continue
+        if link.scope.kind is ScopeKind.DOMAIN and canonical_domain(link.scope.name) not in domains:
+            continue  # an empty domain: the registry cannot hold the link (and it reaches nobody)
+        try:
+            validate_link(link)
+        except ValidationError as exc:
+            problems.append(f"skipped {exc}")
+            continue
+        by_scope.setdefault(_scope_key(link.scope), []).append(link)
+    links: list[GpoLink] = []
+    for scope_links in by_scope.values():  # 1..n in each scope, as the registry keeps them
+        for number, link in enumerate(sorted(scope_links, key=lambda lk: (lk.order, lk.gpo_id)), start=1):
+            links.append(dataclasses.replace(link, order=number))
+    clean = Topology.build(computers.values(), ous.values(), sites.values(), groups.values(), gpos.values(), links)
+    return clean, problems
+
+
+def plan_sync(directory: Topology, owned: frozenset[OwnedKey], registry: Topology) -> SyncPlan:
+    """The mutations that make the registry hold `directory` (and drop what the directory no longer has).
+
+    Order inside the one transaction, so every reference exists when it is written: link deletes,
+    GPO deletes; OU (parents first), site, group and GPO upserts; computer upserts; link upserts (each
+    scope 1..n); computer deletes; OU deletes (children first), site and group deletes. An owned OU,
+    site or group that local objects still use (a local computer in the OU, a local GPO filtering on
+    the group) is kept, stays owned and is retried on the next read.
+    """
+    clean, problems = _sanitize(directory, registry, owned)
+    wanted = keys_of(clean)
+    gone = {key for key in owned if key not in wanted}
+
+    def present(key: OwnedKey) -> bool:
+        kind, k = key
+        if kind == COMPUTER:
+            return k in registry.computers
+        if kind == OU:
+            return k in registry.ous
+        if kind == SITE:
+            return k in registry.sites
+        if kind == GROUP:
+            return k in registry.groups
+        return k in registry.gpos
+
+    stored_links = {owned_key(lk) for lk in registry.links}
+    gone = {key for key in gone if (key in stored_links if key[0] == LINK else present(key))}
+    deleting_gpos = {k for kind, k in gone if kind == GPO}
+    deleting_ous = {k for kind, k in gone if kind == OU}
+
+    mutations: list[TopologyMutation] = []
+    # 1. links the directory dropped (not those going with their GPO)
+    for link in registry.links:
+        if owned_key(link) in gone and link.gpo_id not in deleting_gpos:
+            mutations.append(DeleteObject(LINK, link_key(link.gpo_id, link.scope)))
+    # 2. GPOs (their links go with them; first, so a new GPO may take a deleted one's name)
+    for gpo_id in sorted(deleting_gpos):
+        mutations.append(DeleteObject(GPO, gpo_id))
+    # 3. OUs parents first, sites, groups, GPOs
+    for ou in sorted(clean.ous.values(), key=lambda o: (len(o.parsed.ous), o.dn.casefold())):
+        current = registry.org_unit(ou.dn)
+        if current is None or not _same(current, ou):
+            mutations.append(PutObject(ou, upsert=True))
+    for site in clean.sites.values():
+        current_site = registry.site(site.name)
+        if current_site is None or not _same(current_site, site):
+            mutations.append(PutObject(site, upsert=True))
+    for group in clean.groups.values():
+        current_group = registry.group(group.name)
+        if current_group is None or not _same(current_group, group):
+            mutations.append(PutObject(group, upsert=True))
+    for gpo in clean.gpos.values():
+        current_gpo = registry.gpo(gpo.id)
+        if current_gpo is None or not _same(current_gpo, gpo):
+            mutations.append(PutObject(gpo, upsert=True))
+    # 4. computers
+    for computer in clean.computers.values():
+        current_computer = registry.computer(computer.name)
+        if current_computer is None or not _same(
+            dataclasses.replace(current_computer, groups=frozenset(key_of(g) for g in current_computer.groups)),
+            dataclasses.replace(computer, groups=frozenset(key_of(g) for g in computer.groups)),
+        ):
+            mutations.append(PutObject(computer, upsert=True))
+    # 5. links, each scope in order (a put at order k shifts the others: ascending keeps them in place)
+    stored = {owned_key(lk): lk for lk in registry.links}
+    for link in sorted(clean.links, key=lambda lk: (_scope_key(lk.scope), lk.order)):
+        current_link = stored.get(owned_key(link))
+        if current_link is None or not _same(current_link, link):
+            mutations.append(PutObject(link, upsert=True))
+    # 6. computers the directory dropped
+    for kind, key in sorted(gone):
+        if kind == COMPUTER:
+            mutations.append(DeleteObject(COMPUTER, registry.computers[key].name))
+    # 7. OUs children first, unless local objects still use them; then sites and groups
+    remaining = {k: c for k, c in registry.computers.items() if (COMPUTER, k) not in gone}
+    remaining.update(clean.computers)
+    kept: list[TopologyObject] = []
+    kept_ous: set[str] = set()
+    for key in sorted(deleting_ous, key=lambda k: -len(registry.ous[k].parsed.ous)):
+        ou = registry.ous[key]
+        users = sorted(c.name for c in remaining.values() if c.ou.casefold() == key)
+        children = sorted(
+            o.dn
+            for k, o in registry.ous.items()
+            if (parent := o.parsed.parent) is not None
+            and parent.key == key
+            and (k not in deleting_ous or k in kept_ous)
+        )
+        if users or children:
+            kept.append(ou)
+            kept_ous.add(key)
+            what = ", ".join([*(f"computer {u}" for u in users), *(f'OU "{d}"' for d in children)][:5])
+            problems.append(f'OU "{ou.dn}" is gone from the directory but still holds {what}: kept')
+            continue
+        mutations.append(DeleteObject(OU, ou.dn))
+    for kind, key in sorted(gone):
+        if kind == SITE:
+            site = registry.sites[key]
+            users = sorted(c.name for c in remaining.values() if key_of(c.site) == key)
+            if users:
+                kept.append(site)
+                problems.append(f'site "{site.name}" is gone from the directory but computer {users[0]} is in it: kept')
+                continue
+            mutations.append(DeleteObject(SITE, site.name))
+        elif kind == GROUP:
+            group = registry.groups[key]
+            users = sorted(c.name for c in remaining.values() if any(key_of(g) == key for g in c.groups))
+            filters = sorted(g.name for g in registry.gpos.values()
+                             if g.id not in deleting_gpos and key in {key_of(f) for f in g.security_filter})
+            if users or filters:
+                kept.append(group)
+                who = f"computer {users[0]}" if users else f'GPO "{filters[0]}"'
+                problems.append(f'group "{group.name}" is gone from the directory but {who} uses it: kept')
+                continue
+            mutations.append(DeleteObject(GROUP, group.name))
+    owned_after = Topology.build(
+        clean.computers.values(),
+        [*clean.ous.values(), *(o for o in kept if isinstance(o, OrgUnit))],
+        [*clean.sites.values(), *(s for s in kept if isinstance(s, Site))],
+        [*clean.groups.values(), *(g for g in kept if isinstance(g, Group))],
+        clean.gpos.values(),
+        clean.links,
+    )
+    return SyncPlan(tuple(mutations), owned_after, tuple(problems))
+
+
+# ------------------------------------------------------------------ refusing local edits of owned objects
+
+
+_KIND_WORDS = {GPO: "GPO", OU: "OU"}
+
+
+def refusal(kind: str, name: str, url: str) -> ProtectedError:
+    return ProtectedError(
+        f'{_KIND_WORDS.get(kind, kind)} "{name}" comes from the directory ({url}): change it there; '
+        "a local change would be overwritten by the next directory sync"
+    )
+
+
+def check_local_write(
+    mutations: Iterable[TopologyMutation], owned: frozenset[OwnedKey], registry: Callable[[], Topology], url: str
+) -> None:
+    """Raise ProtectedError if a local write would change an object the directory owns.
+
+    Local objects may refer to owned ones (a local computer in a directory OU, a local GPO linked at a
+    directory OU): only the owned objects themselves are off limits. `registry()` is called only when
+    a GPO named by name has to be resolved.
+    """
+    snapshot: list[Topology] = []
+
+    def gpo(ref: str) -> tuple[str, str]:
+        """(id, how to show it) of a GPO named by id or name; the registry is read only for a name."""
+        try:
+            return normalize_id(ref), ref
+        except ValueError:
+            pass
+        if not snapshot:
+            snapshot.append(registry())
+        found = next((g for g in snapshot[0].gpos.values() if key_of(g.name) == key_of(ref)), None)
+        return (found.id, found.name) if found is not None else (ref, ref)
+
+    def gpo_id(ref: str) -> str:
+        return gpo(ref)[0]
+
+    for mutation in mutations:
+        if isinstance(mutation, UpsertComputer):
+            if (COMPUTER, key_of(mutation.name)) in owned:
+                raise refusal(COMPUTER, mutation.name.strip().lower(), url)
+            continue
+        if isinstance(mutation, PutObject):
+            obj = mutation.obj
+            if isinstance(obj, Gpo):
+                key = (GPO, gpo_id(obj.id)) if obj.id else (GPO, "")
+                shown = obj.name
+            elif isinstance(obj, GpoLink):
+                gid, name = gpo(obj.gpo_id)
+                key = (LINK, f"{gid}@{_scope_key(obj.scope)}")
+                shown = f"{name}@{obj.scope}"
+            else:
+                key = owned_key(obj)
+                shown = obj.dn if isinstance(obj, OrgUnit) else obj.name.strip()
+                if isinstance(obj, Computer):
+                    shown = shown.lower()
+            if key in owned:
+                raise refusal(LINK if isinstance(obj, GpoLink) else key[0], shown, url)
+            continue
+        kind, ref = mutation.kind, mutation.key.strip()
+        if kind in (COMPUTER, SITE, GROUP):
+            key = (kind, key_of(ref))
+            ref = ref.lower() if kind == COMPUTER else ref
+        elif kind == OU:
+            try:
+                ref = str(parse_dn(ref))
+            except ValidationError:
+                continue  # the store says why
+            key = (OU, ref.casefold())
+        elif kind == GPO:
+            gid, ref = gpo(ref)
+            key = (GPO, gid)
+        else:
+            gpo_ref, _sep, scope_text = ref.partition("@")
+            try:
+                scope = Scope.parse(scope_text)
+            except ValidationError:
+                continue
+            gid, name = gpo(gpo_ref)
+            key = (LINK, f"{gid}@{_scope_key(scope)}")
+            ref = f"{name}@{scope}"
+        if key in owned:
+            raise refusal(kind, ref, url)
+
+
+# ------------------------------------------------------------------ persistence
+
+
+@dataclass(frozen=True)
+class OwnedState:
+    """The persisted owned snapshot and when the registry last matched the directory."""
+
+    topology: Topology = field(default_factory=Topology)
+    url: str = ""
+    base_dn: str = ""
+    last_sync_unix_ms: int = 0
+    last_change_unix_ms: int = 0
+
+
+def load_owned(path: Path) -> OwnedState:
+    """The owned snapshot from `path` (an empty one if there is none). ValueError if it is unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return OwnedState()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the directory's owned snapshot {path} is unreadable: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != OWNED_FORMAT or data.get("version") != OWNED_VERSION:
+        raise ValueError(f"{path} is not a policyagent directory snapshot (format {OWNED_FORMAT} v{OWNED_VERSION})")
+    message = assign_pb.Topology()
+    try:
+        json_format.ParseDict(data.get("topology", {}), message)
+    except json_format.ParseError as exc:
+        raise ValueError(f"the directory's owned snapshot {path} is malformed: {exc}") from None
+    topology, _problems = topology_from_proto(message)
+    return OwnedState(
+        topology,
+        str(data.get("url", "")),
+        str(data.get("base_dn", "")),
+        int(data.get("last_sync_unix_ms", 0)),
+        int(data.get("last_change_unix_ms", 0)),
+    )
+
+
+def save_owned(path: Path, state: OwnedState) -> None:
+    """Write the owned snapshot atomically (temp file, fsync, rename), 0600."""
+    data = {
+        "format": OWNED_FORMAT,
+        "version": OWNED_VERSION,
+        "url": state.url,
+        "base_dn": state.base_dn,
+        "last_sync_unix_ms": state.last_sync_unix_ms,
+        "last_change_unix_ms": state.last_change_unix_ms,
+        "topology": json_format.MessageToDict(topology_to_proto(state.topology), preserving_proto_field_name=True),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".directory-owned.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------ importing GPO policies
+
+
+def read_directory_policies(conn: Any, base_dn: str, policy_ids: list[str]) -> pb.StoreContents:
+    """The IPsec policies `policy_ids` as stored in the directory ([MS-GPIPSEC] layout), with what they use.
+
+    The one place the sync calls the [MS-GPIPSEC] library (policyagent.directory.adstore); raises its
+    DirectoryPolicyError (or ImportError while that library is not installed).
+    """
+    from policyagent.directory import adstore
+
+    contents: pb.StoreContents = adstore.read_policies(conn, base_dn, policy_ids)
+    return contents
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """Policies read from the directory for import: id → contents, or id → why it could not be read."""
+
+    contents: Mapping[str, pb.StoreContents] = field(default_factory=dict)
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ the sync
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    mutations: int
+    changed_computers: frozenset[str]
+    problems: tuple[str, ...]
+    owned: Topology
+
+
+class DirectorySync:
+    """The directory side (one ldap3 connection, used from one worker thread) and the registry side
+    (called in the server's store thread) of the sync. Holds no asyncio state."""
+
+    def __init__(
+        self,
+        settings: DirectorySettings,
+        data_dir: Path,
+        topology_store: Any,  # ObservedTopologyStore: write_and_report, snapshot
+        policy_store: PolicyStore,
+        *,
+        read_policies: Callable[[Any, str, list[str]], pb.StoreContents] = read_directory_policies,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.settings = settings
+        self.path = data_dir / OWNED_FILE
+        self._topology_store = topology_store
+        self._policy_store = policy_store
+        self._read_policies = read_policies
+        self._clock_ms = clock_ms
+        self._conn: Any = None
+        self._writer: Any = None  # a second, writable connection, opened for the first publish
+        self._password = ""
+        self.marker_kind: ChangeMarkerKind = "none"
+        self.marker = ""  # the last marker whose read was applied ("" = read next time)
+        self._checks = 0
+        self.state = OwnedState(url=settings.url, base_dn=settings.base_dn)
+        self.owned: frozenset[OwnedKey] = frozenset()
+
+    @property
+    def policy_store(self) -> PolicyStore:
+        return self._policy_store
+
+    @property
+    def topology_store(self) -> Any:
+        return self._topology_store
+
+    # ------------------------------------------------------------ owned snapshot (store thread)
+
+    def load(self) -> OwnedState:
+        state = load_owned(self.path)
+        if state.url and (state.url, state.base_dn.casefold()) != (self.settings.url, self.settings.base_dn.casefold()):
+            _log.warning(
+                "the owned snapshot is from another directory; the first read replaces it",
+                extra={"snapshot_url": state.url, "snapshot_base": state.base_dn},
+            )
+        self.state = dataclasses.replace(state, url=self.settings.url, base_dn=self.settings.base_dn)
+        self.owned = keys_of(state.topology)
+        return self.state
+
+    def save(self) -> None:
+        save_owned(self.path, self.state)
+
+    # ------------------------------------------------------------ directory side (LDAP thread)
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            config = self.settings.connector_config()
+            self._password = config.password
+            self._conn = connect(config, read_only=True)
+            # A new connection may reach another DC (AD's USNs are per DC) or a restored server: the
+            # old marker proves nothing, so the first check reads everything (an unchanged read writes nothing).
+            self.marker = ""
+        return self._conn
+
+    def disconnect(self) -> None:
+        for attribute in ("_conn", "_writer"):
+            conn = getattr(self, attribute)
+            setattr(self, attribute, None)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.unbind()
+
+    def _write_connection(self) -> Any:
+        # Kept apart from the sync's read-only connection, so a bug in the sync can never write.
+        if self._writer is None:
+            config = self.settings.connector_config()
+            self._password = config.password
+            self._writer = connect(config, read_only=False)
+        return self._writer
+
+    def _writing(self, fn: Callable[[Any], T]) -> T:
+        try:
+            return fn(self._write_connection())
+        except DIRECTORY_ERRORS:
+            self.disconnect()  # the next call reconnects
+            raise
+
+    def secrets(self) -> tuple[str, ...]:
+        return (self._password,) if self._password else ()
+
+    def read_directory(self, full: bool = False) -> tuple[str, assign_pb.Topology | None]:
+        """(the current change marker, a full read or None when nothing changed since the applied marker).
+
+        Raises DirectoryError / ldap3 errors / OSError; the connection is dropped first, so the
+        next call reconnects.
+        """
+        try:
+            conn = self._connection()
+            self.marker_kind, marker = change_marker(conn, self.settings.base_dn)
+            self._checks += 1
+            due = full or not self.marker or self.marker_kind == "none" or self._checks % self.settings.full_every == 0
+            if not due and marker == self.marker:
+                return marker, None
+            if not due and self.marker_kind == "highestCommittedUSN":
+                try:
+                    old = int(self.marker)
+                except ValueError:
+                    old = 0
+                changed = usn_changed_dns(conn, self.settings.base_dn, old) if old else []
+                if old and not changed:
+                    return marker, None  # writes elsewhere on the DC
+            return marker, read_topology(conn, self.settings.base_dn, sites_base=self.settings.sites_base)
+        except BaseException:
+            self.disconnect()
+            raise
+
+    def fetch_policies(self, policy_ids: list[str]) -> Fetched:
+        """Read each missing policy from the directory on its own, so one bad policy spoils only its GPOs."""
+        contents: dict[str, pb.StoreContents] = {}
+        errors: dict[str, str] = {}
+        for policy_id in policy_ids:
+            try:
+                contents[policy_id] = self._read_policies(self._connection(), self.settings.base_dn, [policy_id])
+            except ImportError:
+                errors[policy_id] = "importing policies from the directory is not available in this build"
+            except (DirectoryError, LDAPException, OSError, TimeoutError):
+                self.disconnect()  # the directory failed, not the policy: the whole sync is retried
+                raise
+            except Exception as exc:  # the library's DirectoryPolicyError: bad or missing objects
+                errors[policy_id] = safe_error(exc, self.secrets())
+        return Fetched(contents, errors)
+
+    # ------------------------------------------------------------ policies (LDAP thread)
+    # [MS-GPIPSEC] objects under CN=IP Security,CN=System,<base> (policyagent.directory.adstore). These raise
+    # the library's DirectoryPolicyError (a policy the blobs cannot carry, corrupt directory data: nothing
+    # written) or the directory's errors (DIRECTORY_ERRORS).
+
+    def publish(self, contents: pb.StoreContents, policy_ids: list[str] | None) -> Any:
+        """adstore.publish of the policies (None = all of `contents`); its PublishResult."""
+        from policyagent.directory import adstore
+
+        return self._writing(lambda conn: adstore.publish(conn, self.settings.base_dn, contents, policy_ids))
+
+    def assign(self, gpo_id: str, contents: pb.StoreContents | None, policy_id: str) -> Any:
+        """Publish the policy (so the GPO's pointer never names a missing object), then point the GPO at it;
+        policy_id "" clears the GPO's assignment. The PublishResult (empty when clearing)."""
+        from policyagent.directory import adstore
+
+        def work(conn: Any) -> Any:
+            if not policy_id or contents is None:
+                adstore.assign_gpo(conn, self.settings.base_dn, gpo_id, None)
+                return adstore.PublishResult()
+            result = adstore.publish(conn, self.settings.base_dn, contents, [policy_id])
+            policy = next(p for p in contents.policies if p.id == policy_id)
+            adstore.assign_gpo(conn, self.settings.base_dn, gpo_id, policy)
+            return result
+
+        return self._writing(work)
+
+    def read_for_import(self, refs: list[str]) -> pb.StoreContents:
+        """The policies `refs` name (ids or names as in the directory; [] = all) with what they use."""
+        from policyagent.directory import adstore
+
+        try:
+            entries = adstore.read_entries(self._connection(), self.settings.base_dn)
+        except DIRECTORY_ERRORS:
+            self.disconnect()
+            raise
+        ids = adstore.select_policies(entries, refs) if refs else None
+        contents: pb.StoreContents = adstore.contents_from_entries(entries, ids)
+        return contents
+
+    def republish(self, contents: pb.StoreContents, policy_ids: list[str]) -> dict[str, Exception | Any]:
+        """Publish each of `policy_ids` that the directory already holds, one at a time (one policy the blobs
+        cannot carry spoils only itself): id → PublishResult or the exception. Policies not in the directory
+        are left out. A directory failure ends the round (the rest would fail too) and is raised."""
+        from policyagent.directory import adstore
+
+        present = self._writing(lambda conn: adstore.published_policy_ids(conn, self.settings.base_dn, policy_ids))
+        out: dict[str, Exception | Any] = {}
+        for policy_id in present:
+            try:
+                out[policy_id] = self.publish(contents, [policy_id])
+            except adstore.DirectoryPolicyError as exc:
+                out[policy_id] = exc
+        return out
+
+    # ------------------------------------------------------------ registry side (store thread)
+
+    def missing_policies(self, read: assign_pb.Topology) -> list[str]:
+        """Policy ids the directory's GPOs assign that the policy store does not hold."""
+        wanted = sorted({g.policy_id for g in read.gpos if g.policy_id})
+        return [p for p in wanted if self._policy_store.get(Kind.POLICY, p) is None]
+
+    def _import(self, policy_id: str, contents: pb.StoreContents, gpo_names: str) -> str:
+        """Import one policy (all or nothing); "" on success, else why not."""
+        if not any(p.id.upper() == policy_id.upper() for p in contents.policies):
+            return f"the directory's answer does not hold policy {policy_id}"
+        try:
+            self._policy_store.write(
+                import_plan(export_file(contents)),
+                principal=PRINCIPAL,
+                context=f"import IPsec policy {policy_id} from the directory (GPO {gpo_names})",
+            )
+        except PolicyError as exc:
+            return str(exc)
+        return ""
+
+    def apply(self, read: assign_pb.Topology, fetched: Fetched | None = None) -> ApplyOutcome:
+        """Import missing policies, diff the read against the registry, write once, persist the owned snapshot."""
+        fetched = fetched or Fetched()
+        directory, problems = topology_from_proto(read)
+        if not directory.computers and not directory.ous and not directory.gpos and (
+            self.state.topology.computers or self.state.topology.ous or self.state.topology.gpos
+        ):
+            # An empty answer for a non-empty domain is far likelier a bind without read rights (or a
+            # wrong base) than a domain emptied at once: refuse to delete everything.
+            raise DirectoryError(
+                f"the directory returned no computers, OUs or GPOs under {self.settings.base_dn}; "
+                f"not deleting the {len(self.state.topology.computers)} computer(s) it owns "
+                "(check the base DN and the bind's read rights)"
+            )
+        gpo_policies: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        for policy_id in sorted({g.policy_id for g in directory.gpos.values() if g.policy_id}):
+            users = ", ".join(f'"{g.name}"' for g in directory.gpos.values() if g.policy_id == policy_id)
+            if self._policy_store.get(Kind.POLICY, policy_id) is not None:
+                continue
+            reason = fetched.errors.get(policy_id, "")
+            if not reason and policy_id in fetched.contents:
+                reason = self._import(policy_id, fetched.contents[policy_id], users)
+                if not reason:
+                    _log.info("imported an IPsec policy from the directory", extra={"policy": policy_id, "gpos": users})
+                    continue
+            failed[policy_id] = reason or "it was not read from the directory"
+        for gpo in directory.gpos.values():
+            if gpo.policy_id in failed:
+                problems.append(
+                    f'GPO "{gpo.name}": its IPsec policy {gpo.policy_id} could not be imported, so it assigns none: '
+                    f"{failed[gpo.policy_id]}"
+                )
+                gpo_policies[gpo.id] = ""
+        if gpo_policies:
+            directory = dataclasses.replace(
+                directory,
+                gpos={k: dataclasses.replace(g, policy_id=gpo_policies.get(k, g.policy_id))
+                      for k, g in directory.gpos.items()},
+            )
+        registry, _revision = self._topology_store.snapshot()
+        plan = plan_sync(directory, self.owned, registry)
+        now = self._clock_ms()
+        changed: frozenset[str] = frozenset()
+        if plan.mutations:
+            # Own the union first: a crash between the write and the second save must not leave
+            # directory objects in the registry that nobody owns.
+            self.state = dataclasses.replace(self.state, topology=_union(self.state.topology, plan.owned))
+            self.owned = keys_of(self.state.topology)
+            self.save()
+            _result, changed = self._topology_store.write_and_report(
+                list(plan.mutations), principal=PRINCIPAL, context=f"directory sync from {self.settings.url}"
+            )
+        self.state = dataclasses.replace(
+            self.state,
+            topology=plan.owned,
+            last_sync_unix_ms=now,
+            last_change_unix_ms=now if plan.mutations else self.state.last_change_unix_ms,
+        )
+        self.owned = keys_of(plan.owned)
+        self.save()
+        return ApplyOutcome(len(plan.mutations), changed, (*problems, *plan.problems), plan.owned)
+
+    def checked(self, now_ms: int) -> None:
+        """The directory answered and nothing changed: the registry matches it as of now."""
+        self.state = dataclasses.replace(self.state, last_sync_unix_ms=now_ms)
+
+    def check_local_write(self, mutations: Iterable[TopologyMutation]) -> None:
+        """ProtectedError if a local registry write touches an object the directory owns (store thread)."""
+        owned = self.owned
+        if not owned:
+            return
+        check_local_write(mutations, owned, lambda: self._topology_store.snapshot()[0], self.settings.url)
+
+    def owns_computer(self, name: str) -> bool:
+        return (COMPUTER, key_of(name)) in self.owned
+
+    def owns_gpo(self, gpo_id: str) -> bool:
+        return (GPO, gpo_id) in self.owned
+
+
+def _union(a: Topology, b: Topology) -> Topology:
+    links = {owned_key(lk): lk for lk in a.links}
+    links.update({owned_key(lk): lk for lk in b.links})
+    return Topology(
+        computers={**a.computers, **b.computers},
+        ous={**a.ous, **b.ous},
+        sites={**a.sites, **b.sites},
+        groups={**a.groups, **b.groups},
+        gpos={**a.gpos, **b.gpos},
+        links=tuple(links.values()),
+    )
+
+
+__all__ = [
+    "DIRECTORY_ERRORS",
+    "OWNED_FILE",
+    "ApplyOutcome",
+    "DirectorySettings",
+    "DirectorySync",
+    "Fetched",
+    "OwnedState",
+    "SyncPlan",
+    "check_local_write",
+    "load_owned",
+    "plan_sync",
+    "read_password",
+    "safe_error",
+    "save_owned",
+]

@@ -1,0 +1,155 @@
+"""policyagent.directory.sync's pure parts: the diff (plan_sync), refusing local edits, the owned snapshot file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from policyagent.directory.sync import (
+    OwnedState,
+    check_local_write,
+    keys_of,
+    load_owned,
+    plan_sync,
+    safe_error,
+    save_owned,
+)
+from policyagent.model.assignment import Computer, Gpo, GpoLink, Group, OrgUnit, Scope, Topology
+from policyagent.model.errors import ProtectedError
+from policyagent.store.topology import DeleteObject, PutObject, UpsertComputer
+
+WEB = "OU=Web,DC=corp,DC=example"
+DB = "OU=Db,DC=corp,DC=example"
+G1 = "{11111111-1111-1111-1111-111111111111}"
+G2 = "{22222222-2222-2222-2222-222222222222}"
+URL = "ldaps://dc1.corp.example"
+
+
+def directory(**changes: object) -> Topology:
+    values: dict[str, object] = dict(
+        computers=[Computer("web1", "domain", "corp.example", WEB, groups=frozenset({"Web"})),
+                   Computer("db1", "domain", "corp.example", DB)],
+        ous=[OrgUnit(WEB), OrgUnit(DB)],
+        groups=[Group("Web")],
+        gpos=[Gpo(G1, "Web GPO", True, "{AAAAAAAA-0000-0000-0000-000000000001}"), Gpo(G2, "Db GPO")],
+        links=[GpoLink(G1, Scope.ou(WEB), 1), GpoLink(G2, Scope.ou(DB), 1)],
+    )
+    values.update(changes)
+    return Topology.build(**values)  # type: ignore[arg-type]
+
+
+def with_revisions(topology: Topology) -> Topology:
+    """The registry's copy: the same objects, each with a revision."""
+    return Topology.build(
+        [c.__class__(**{**c.__dict__, "revision": 3}) for c in topology.computers.values()],
+        [OrgUnit(o.dn, o.block_inheritance, o.description, 3) for o in topology.ous.values()],
+        topology.sites.values(),
+        [Group(g.name, g.description, 3) for g in topology.groups.values()],
+        [Gpo(g.id, g.name, g.enabled, g.policy_id, g.description, 3) for g in topology.gpos.values()],
+        [GpoLink(lk.gpo_id, lk.scope, lk.order, lk.enforced, lk.enabled, 3) for lk in topology.links],
+    )
+
+
+def test_first_sync_puts_everything_in_reference_order() -> None:
+    plan = plan_sync(directory(), frozenset(), Topology())
+    kinds = [type(m.obj).__name__ for m in plan.mutations if isinstance(m, PutObject)]
+    assert kinds == ["OrgUnit", "OrgUnit", "Group", "Gpo", "Gpo", "Computer", "Computer", "GpoLink", "GpoLink"]
+    assert keys_of(plan.owned) == keys_of(directory()) and plan.problems == ()
+
+
+def test_unchanged_directory_writes_nothing_and_a_move_writes_one_computer() -> None:
+    current = directory()
+    registry = with_revisions(current)
+    owned = keys_of(current)
+    assert plan_sync(current, owned, registry).mutations == ()
+    moved = directory(computers=[Computer("web1", "domain", "corp.example", DB, groups=frozenset({"web"})),
+                                 Computer("db1", "domain", "corp.example", DB)])
+    plan = plan_sync(moved, owned, registry)
+    assert [(type(m).__name__, getattr(m, "obj", None)) for m in plan.mutations] == [
+        ("PutObject", Computer("web1", "domain", "corp.example", DB, groups=frozenset({"web"})))]
+
+
+def test_deletions_keep_what_local_objects_still_use() -> None:
+    current = directory()
+    owned = keys_of(current)
+    registry = with_revisions(current)
+    # A local computer sits in OU=Db and a local GPO filters on the group "Web".
+    registry = Topology.build(
+        [*registry.computers.values(), Computer("kiosk", "domain", "corp.example", DB)],
+        registry.ous.values(),
+        (),
+        registry.groups.values(),
+        [*registry.gpos.values(), Gpo("{33333333-3333-3333-3333-333333333333}", "Local", security_filter=("Web",))],
+        registry.links,
+    )
+    gone = directory(computers=[Computer("web1", "domain", "corp.example", WEB)], ous=[OrgUnit(WEB)], groups=[],
+                     gpos=[Gpo(G1, "Web GPO", True, "{AAAAAAAA-0000-0000-0000-000000000001}")],
+                     links=[GpoLink(G1, Scope.ou(WEB), 1)])
+    plan = plan_sync(gone, owned, registry)
+    deletes = [(m.kind, m.key) for m in plan.mutations if isinstance(m, DeleteObject)]
+    assert deletes == [("gpo", G2), ("computer", "db1")]  # G2's link goes with it; OU and group kept
+    assert any(DB in p and "kiosk" in p for p in plan.problems)
+    assert any('group "Web"' in p and '"Local"' in p for p in plan.problems)
+    assert DB.casefold() in plan.owned.ous and "web" in plan.owned.groups  # still owned: retried next time
+
+
+def test_gpo_name_taken_by_a_local_gpo_is_renamed_and_link_gaps_closed() -> None:
+    registry = Topology.build(gpos=[Gpo("{44444444-4444-4444-4444-444444444444}", "Web GPO", revision=1)])
+    read = directory(links=[GpoLink(G1, Scope.ou(WEB), 2), GpoLink(G2, Scope.ou(DB), 1)])
+    plan = plan_sync(read, frozenset(), registry)
+    gpos = {m.obj.id: m.obj.name for m in plan.mutations if isinstance(m, PutObject) and isinstance(m.obj, Gpo)}
+    assert gpos[G1] == f"Web GPO ({G1})"
+    orders = {m.obj.gpo_id: m.obj.order for m in plan.mutations
+              if isinstance(m, PutObject) and isinstance(m.obj, GpoLink)}
+    assert orders == {G1: 1, G2: 1}
+
+
+def test_invalid_directory_objects_are_skipped_and_named() -> None:
+    read = directory(computers=[Computer("bad name!", "domain", "corp.example", WEB),
+                                Computer("db1", "domain", "corp.example", "OU=Gone,DC=corp,DC=example")])
+    plan = plan_sync(read, frozenset(), Topology())
+    names = {m.obj.name: m.obj.ou for m in plan.mutations if isinstance(m, PutObject) and isinstance(m.obj, Computer)}
+    assert names == {"db1": ""}  # its OU is not in the read: no OU rather than a failed write
+    assert any("bad name!" in p for p in plan.problems)
+
+
+def test_local_writes_to_owned_objects_are_refused() -> None:
+    owned = keys_of(directory())
+    registry = directory
+
+    def refused(*mutations: object) -> str:
+        with pytest.raises(ProtectedError) as caught:
+            check_local_write(mutations, owned, registry, URL)  # type: ignore[arg-type]
+        assert URL in str(caught.value)
+        return str(caught.value)
+
+    assert f'OU "{WEB}"'.casefold() in refused(DeleteObject("ou", "ou=web, dc=corp, dc=example")).casefold()
+    assert "web1" in refused(PutObject(Computer("WEB1", "domain", "corp.example", DB)))
+    assert "Db GPO" in refused(DeleteObject("gpo", "db gpo"))
+    refused(DeleteObject("link", f"Web GPO@ou:{WEB}"))
+    refused(UpsertComputer("db1", "domain", "corp.example"))
+    # Local objects next to, in or linked at directory ones are fine.
+    check_local_write(
+        [PutObject(OrgUnit("OU=Lab,DC=corp,DC=example")), PutObject(Computer("kiosk", "domain", "corp.example", WEB)),
+         PutObject(GpoLink("Local", Scope.ou(WEB))), DeleteObject("computer", "kiosk")],
+        owned, registry, URL,
+    )
+
+
+def test_owned_snapshot_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "owned.json"
+    assert load_owned(path) == OwnedState()
+    state = OwnedState(directory(), URL, "DC=corp,DC=example", 1234, 1200)
+    save_owned(path, state)
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = load_owned(path)
+    assert keys_of(loaded.topology) == keys_of(state.topology)
+    assert (loaded.url, loaded.last_sync_unix_ms, loaded.last_change_unix_ms) == (URL, 1234, 1200)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a policyagent directory snapshot"):
+        load_owned(path)
+
+
+def test_errors_never_carry_the_password() -> None:
+    assert safe_error(RuntimeError("bind as x with s3cret failed"), ["s3cret"]) == "bind as x with *** failed"
