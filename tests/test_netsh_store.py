@@ -8,6 +8,7 @@ gRPC on a unix socket; the domain store is a real policy server (the module's `s
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import threading
@@ -74,6 +75,19 @@ def agent_stores() -> Iterator[AgentStores]:
         executor.submit(persistent.close).result(10)
         executor.shutdown()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _content(text: str) -> object:
+    """A `--json` show without the store's bookkeeping (revision, modification time)."""
+
+    def strip(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("revision", "modified_unix_ms", "modifiedUnixMs")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(json.loads(text))
 
 
 def _script(tmp_path: Path, text: str) -> str:
@@ -173,5 +187,59 @@ def test_set_store_domain_checks_the_servers_directory_domain(
         assert f"Store: Domain Store (policy server {server.address})" in capsys.readouterr().out
         assert main(["-r", server.address, "ipsec", "static", "set", "store", "domain", "domain=corp.example"]) == 1
         assert "serves the domain example.test, not corp.example" in capsys.readouterr().err
+    finally:
+        ldap.stop()
+
+
+def test_exportpolicy_and_importpolicy_with_an_ldif_file(
+    start_server: Callable[..., ServerProcess], server: ServerProcess, agent_stores: AgentStores, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """file=*.ldif: the store's policies as [MS-GPIPSEC] directory objects, and back."""
+    from slapd import slapd_unavailable, start_slapd
+
+    from policyagent.directory import adstore
+
+    capsys.readouterr()
+    # Without a directory the server has no base DN for the objects: one line saying what to do.
+    assert main(["-r", server.address, "ipsec", "static", "exportpolicy", f"file={tmp_path / 'x.ldif'}"]) == 1
+    assert "base" in capsys.readouterr().err.lower()
+    # An agent's store has no directory at all.
+    target = f"unix:{agent_stores.state_dir / SOCKET_FILE}"
+    assert main(["-r", target, "ipsec", "static", "exportpolicy", f"file={tmp_path / 'x.ldif'}"]) == 1
+    assert "set store location=domain" in capsys.readouterr().err
+
+    why = slapd_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    ldap = start_slapd(tmp_path / "slapd")
+    try:
+        password = tmp_path / "directory.password"
+        password.write_text(ldap.password + "\n", encoding="utf-8")
+        password.chmod(0o600)
+        with_directory = start_server(
+            tmp_path / "data",
+            extra=["--directory", ldap.url, "--directory-base", ldap.suffix, "--directory-user", ldap.bind_dn,
+                   "--directory-password-file", str(password)],
+        )
+        path = tmp_path / "domain.ldif"
+        static = ["-r", with_directory.address, "ipsec", "static"]
+        assert main([*static, "exportpolicy", f"file={path}"]) == 0, capsys.readouterr().err
+        assert path.stat().st_mode & 0o777 == 0o600
+        entries = adstore.load_ldif(path.read_text(encoding="utf-8"), str(path))
+        assert all(e.dn.endswith(f"CN=IP Security,CN=System,{ldap.suffix}") for e in entries)
+        names = {p.name for p in adstore.contents_from_entries(entries).policies}
+        assert names == {"Client (Respond Only)", "Server (Request Security)", "Secure Server (Require Security)"}
+
+        # Gone from the store, back from the LDIF file, identical.
+        show = ["-r", with_directory.address, "--json", "ipsec", "static", "show", "policy", "name=Client (Respond Only)"]
+        capsys.readouterr()
+        assert main(show) == 0
+        before = _content(capsys.readouterr().out)
+        assert main([*static, "delete", "policy", "name=Client (Respond Only)"]) == 0, capsys.readouterr().err
+        assert main([*static, "importpolicy", f"file={path}"]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert main(show) == 0
+        assert _content(capsys.readouterr().out) == before
     finally:
         ldap.stop()

@@ -5,6 +5,7 @@ OUs, computers, GPOs, links and uSNChanged-based changes from it."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import ssl
 import subprocess
 import uuid
@@ -223,6 +224,28 @@ def test_kerberos_sasl_gssapi_bind_over_ldaps(dc: SambaDc, monkeypatch: pytest.M
     )
     assert conn.bound
     assert conn.search(dc.admin_dn, "(objectClass=user)", search_scope=ldap3.BASE, attributes=["cn"])
+    conn.unbind()
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
+def test_connector_gssapi_bind_with_the_process_credentials(
+    dc: SambaDc, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """connect(bind="gssapi") with the ticket cache kinit filled; the DC's address in the URL, its name in
+    tls_name (the certificate's name and the service principal's host)."""
+    pytest.importorskip("gssapi")
+    monkeypatch.setenv("KRB5_CONFIG", str(dc.krb5_conf))
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{tmp_path / 'ccache'}")
+    if shutil.which("kinit") is None:
+        pytest.skip("kinit (krb5-user) is not installed")
+    kinit = subprocess.run(
+        ["kinit", f"Administrator@{dc.realm}"], input=dc.admin_password + "\n", capture_output=True, text=True
+    )
+    assert kinit.returncode == 0, kinit.stderr
+    config = DirectoryConfig(dc.url_ldaps, dc.base_dn, "gssapi", ca_file=str(dc.ca_file), tls_name=dc.tls_name)
+    conn = connect(config)
+    assert conn.bound
+    assert {c.name for c in read_topology(conn, dc.base_dn).computers} >= {"dc1"}
     conn.unbind()
 
 

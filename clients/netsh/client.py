@@ -10,12 +10,12 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
 
-from clients.netsh.errors import NoAdminCertificate, ServerRefusedCertificate, ServerUnreachable
+from clients.netsh.errors import CommandError, NoAdminCertificate, ServerRefusedCertificate, ServerUnreachable
 from policyagent.agent.daemon import PERSISTENT_SOCKET_FILE, SOCKET_FILE
 from policyagent.model.errors import NotFoundError, PolicyError
 from policyagent.model.objects import normalize_id
@@ -161,15 +161,34 @@ class AdminClient:
             return ServerUnreachable(f"{self.target} does not serve the policyagent PolicyAdmin API ({detail})")
         return error
 
-    def directory_status(self) -> directory_pb.DirectoryStatus:
-        """The policy server's link to its LDAP directory (DirectoryAdmin.GetStatus)."""
+    def _directory_call(self, name: str, request: Message) -> Any:
+        """A DirectoryAdmin call on this connection (the policy server's link to its LDAP directory)."""
+        if self.agent_socket:
+            raise CommandError(
+                "an agent's local and persistent stores have no directory: LDIF and domain commands work on the "
+                "domain store (set store location=domain)"
+            )
         self._stub  # noqa: B018 - connects
         assert self._channel is not None
         stub = directory_grpc.DirectoryAdminStub(self._channel)
         try:
-            return stub.GetStatus(directory_pb.DirectoryStatusRequest(), metadata=self._metadata, timeout=self._timeout)
+            return getattr(stub, name)(request, metadata=self._metadata, timeout=self._timeout)
         except grpc.RpcError as exc:
             raise self._translate(exc) from exc
+
+    def directory_status(self) -> directory_pb.DirectoryStatus:
+        response = self._directory_call("GetStatus", directory_pb.DirectoryStatusRequest())
+        return cast(directory_pb.DirectoryStatus, response)
+
+    def export_ldif(self) -> directory_pb.DirectoryExportResponse:
+        """Every policy of the store as [MS-GPIPSEC] directory objects, under the server's directory base DN."""
+        response = self._directory_call("Export", directory_pb.DirectoryExportRequest())
+        return cast(directory_pb.DirectoryExportResponse, response)
+
+    def import_ldif(self, text: str) -> admin_pb.ApplyResponse:
+        """Every policy in this LDIF text ([MS-GPIPSEC] objects) into the store; same ids are replaced."""
+        response = self._directory_call("Import", directory_pb.DirectoryImportRequest(ldif=text))
+        return cast(admin_pb.ApplyResponse, response)
 
     def find_policy(self, ref: str) -> pb.Policy:
         """The policy with this id (GUID) or, failing that, this name; NotFoundError otherwise."""

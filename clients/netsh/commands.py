@@ -688,9 +688,17 @@ def show_store(ctx: Context, inv: Invocation) -> None:
     ctx.say(f"Store: {ctx.store_label()}")
 
 
+def _is_ldif(path: Path) -> bool:
+    return path.suffix.lower() == ".ldif"
+
+
 def exportpolicy(ctx: Context, inv: Invocation) -> None:
-    text = exportfmt.dumps(ctx.client.export_policies())
     path = Path(_str(inv.get("file")))
+    if _is_ldif(path):
+        # [MS-GPIPSEC] objects for CN=IP Security,CN=System of the server's directory (docs/export-format.md).
+        text = ctx.client.export_ldif().ldif
+    else:
+        text = exportfmt.dumps(ctx.client.export_policies())
     # The file holds pre-shared keys in clear: only the owner may read it, even if it existed.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -704,6 +712,9 @@ def exportpolicy(ctx: Context, inv: Invocation) -> None:
 def importpolicy(ctx: Context, inv: Invocation) -> None:
     path = Path(_str(inv.get("file")))
     text = path.read_text(encoding="utf-8")
+    if _is_ldif(path):
+        ctx.client.import_ldif(text)
+        return
     ctx.client.import_policies(exportfmt.loads(text, source=str(path)))
 
 

@@ -89,7 +89,9 @@ class DirectoryConfig:
     bind "simple": user (a DN or user@domain) and password, over ldaps:// or ldap:// with starttls
     (plain ldap:// without starttls only for tests); "external": SASL EXTERNAL (ldapi:// peer
     credentials or a TLS client certificate); "gssapi": SASL GSSAPI with the process's Kerberos
-    credentials (needs the `gssapi` package). ca_file verifies the server certificate.
+    credentials (needs the `gssapi` package; KRB5CCNAME/KRB5_CONFIG as usual). ca_file verifies the
+    server certificate; tls_name is the server's name when the URL gives an address — what its
+    certificate must carry, and the host of the Kerberos service principal ldap/<name>.
     """
 
     url: str
@@ -124,7 +126,12 @@ def connect(config: DirectoryConfig, *, read_only: bool = True) -> Any:
             server, authentication=ldap3.SASL, sasl_mechanism=ldap3.EXTERNAL, sasl_credentials="", **common
         )
     if config.bind == "gssapi":
-        return ldap3.Connection(server, authentication=ldap3.SASL, sasl_mechanism=ldap3.KERBEROS, **common)
+        # The service ticket is for ldap/<the server's name>: tls_name when the URL gives an address.
+        host = (config.tls_name or "").lower() or None
+        return ldap3.Connection(
+            server, authentication=ldap3.SASL, sasl_mechanism=ldap3.KERBEROS,
+            sasl_credentials=(host,) if host else None, **common,
+        )
     raise ValueError(f"unknown bind {config.bind!r}: use simple, external or gssapi")
 
 

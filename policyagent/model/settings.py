@@ -842,12 +842,21 @@ STATIC_COMMANDS: tuple[Command, ...] = (
         ("exportpolicy",),
         "Writes every object of the store to a file (docs/export-format.md).",
         (_p(FILE, True),),
+        remarks=(
+            "A file name ending in .ldif gets the policies as Active Directory objects ([MS-GPIPSEC], under "
+            "CN=IP Security,CN=System of the policy server's directory), for ldapadd or `importpolicy`. "
+            "Both formats hold pre-shared keys in clear; the file is created readable by its owner only."
+        ),
         positional=("file",),
     ),
     Command(
         ("importpolicy",),
         "Reads objects from an export file into the store (same ids are replaced).",
         (_p(FILE, True),),
+        remarks=(
+            "A .ldif file is read as Active Directory IPsec objects ([MS-GPIPSEC]; e.g. from ldapsearch of "
+            "CN=IP Security,CN=System, or exportpolicy): every policy in it, with its filter lists and actions."
+        ),
         positional=("file",),
     ),
     Command(
