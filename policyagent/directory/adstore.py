@@ -293,6 +293,31 @@ def _attrs(*pairs: tuple[str, Value | Sequence[Value] | None]) -> dict[str, tupl
     return out
 
 
+def _object(
+    object_class: str,
+    dn: str,
+    ipsec_id: str,
+    blob: bytes,
+    *references: tuple[str, Value | Sequence[Value] | None],
+    name: str = "",
+    description: str = "",
+) -> Entry:
+    """One ipsec* object: the attributes every class has (ref §1.3), then its references."""
+    return Entry(
+        dn,
+        _attrs(
+            ("objectClass", object_class),
+            ("cn", _rdn_value(dn)),
+            ("ipsecID", ipsec_id),
+            ("ipsecName", name),
+            ("description", description),
+            (DATA_TYPE, DATA_TYPE_VALUE),
+            (DATA, blob),
+            *references,
+        ),
+    )
+
+
 class _Builder:
     def __init__(self, contents: pb.StoreContents, base_dn: str, hidden: Mapping[tuple[str, str], uuid.UUID]):
         self.base = base_dn
@@ -327,33 +352,11 @@ class _Builder:
             nfa_dns.append(self.rule(rule, f'{where}/rule {index} "{rule.name}"', pdn))
         if p.HasField("default_response_rule"):
             nfa_dns.append(self.default_rule(p.default_response_rule, f"{where}/default response rule", pdn))
-        self.isakmps.append(
-            Entry(
-                ik_dn,
-                _attrs(
-                    ("objectClass", ISAKMP),
-                    ("cn", _rdn_value(ik_dn)),
-                    ("ipsecID", _guid_text(ik_guid)),
-                    (DATA_TYPE, DATA_TYPE_VALUE),
-                    (DATA, isakmp_blob),
-                    (OWNERS, pdn),
-                ),
-            )
-        )
+        self.isakmps.append(_object(ISAKMP, ik_dn, _guid_text(ik_guid), isakmp_blob, (OWNERS, pdn)))
         self.policies.append(
-            Entry(
-                pdn,
-                _attrs(
-                    ("objectClass", POLICY),
-                    ("cn", _rdn_value(pdn)),
-                    ("ipsecID", p.id),
-                    ("ipsecName", p.name),
-                    ("description", p.description),
-                    (DATA_TYPE, DATA_TYPE_VALUE),
-                    (DATA, policy_blob),
-                    (ISAKMP_REF, ik_dn),
-                    (NFA_REF, nfa_dns),
-                ),
+            _object(
+                POLICY, pdn, p.id, policy_blob, (ISAKMP_REF, ik_dn), (NFA_REF, nfa_dns),
+                name=p.name, description=p.description,
             )
         )
 
@@ -372,20 +375,12 @@ class _Builder:
         self.list_owners.setdefault(fl.id, []).append(ndn)
         self.action_owners.setdefault(fa.id, []).append(ndn)
         self.nfas.append(
-            Entry(
-                ndn,
-                _attrs(
-                    ("objectClass", NFA),
-                    ("cn", _rdn_value(ndn)),
-                    ("ipsecID", rule.id),
-                    ("ipsecName", rule.name),
-                    ("description", rule.description),
-                    (DATA_TYPE, DATA_TYPE_VALUE),
-                    (DATA, blob),
-                    (OWNERS, pdn),
-                    (FILTER_REF, object_dn(FILTER, object_guid(fl.id), self.base)),
-                    (NEGPOL_REF, object_dn(NEGPOL, object_guid(fa.id), self.base)),
-                ),
+            _object(
+                NFA, ndn, rule.id, blob,
+                (OWNERS, pdn),
+                (FILTER_REF, object_dn(FILTER, object_guid(fl.id), self.base)),
+                (NEGPOL_REF, object_dn(NEGPOL, object_guid(fa.id), self.base)),
+                name=rule.name, description=rule.description,
             )
         )
         return ndn
@@ -402,34 +397,14 @@ class _Builder:
         np_guid = self.hidden.get(("default-response", drr.id)) or _hidden_guid("default-response", drr.id)
         np_dn = self.claim(NEGPOL, np_guid, f"{where}/negotiation policy")
         self.drr_negpols.append(
-            Entry(
-                np_dn,
-                _attrs(
-                    ("objectClass", NEGPOL),
-                    ("cn", _rdn_value(np_dn)),
-                    ("ipsecID", _guid_text(np_guid)),
-                    (DATA_TYPE, DATA_TYPE_VALUE),
-                    (DATA, negpol_blob),
-                    (NEGPOL_TYPE, _guid_text(g.TYPE_DEFAULT_RESPONSE)),
-                    (NEGPOL_ACTION, _guid_text(g.ACTION_SECURE)),
-                    (OWNERS, ndn),
-                ),
+            _object(
+                NEGPOL, np_dn, _guid_text(np_guid), negpol_blob,
+                (NEGPOL_TYPE, _guid_text(g.TYPE_DEFAULT_RESPONSE)),
+                (NEGPOL_ACTION, _guid_text(g.ACTION_SECURE)),
+                (OWNERS, ndn),
             )
         )
-        self.nfas.append(
-            Entry(
-                ndn,
-                _attrs(
-                    ("objectClass", NFA),
-                    ("cn", _rdn_value(ndn)),
-                    ("ipsecID", drr.id),
-                    (DATA_TYPE, DATA_TYPE_VALUE),
-                    (DATA, nfa_blob),
-                    (OWNERS, pdn),
-                    (NEGPOL_REF, np_dn),
-                ),
-            )
-        )
+        self.nfas.append(_object(NFA, ndn, drr.id, nfa_blob, (OWNERS, pdn), (NEGPOL_REF, np_dn)))
         return ndn
 
     def shared(self, contents: pb.StoreContents) -> tuple[list[Entry], list[Entry]]:
@@ -445,20 +420,12 @@ class _Builder:
             except g.GpIpsecError as exc:
                 raise DirectoryPolicyError(f"{where}: {exc}") from exc
             negpols.append(
-                Entry(
-                    dn,
-                    _attrs(
-                        ("objectClass", NEGPOL),
-                        ("cn", _rdn_value(dn)),
-                        ("ipsecID", fa.id),
-                        ("ipsecName", fa.name),
-                        ("description", fa.description),
-                        (DATA_TYPE, DATA_TYPE_VALUE),
-                        (DATA, blob),
-                        (NEGPOL_TYPE, _guid_text(g.TYPE_STANDARD)),
-                        (NEGPOL_ACTION, _guid_text(action)),
-                        (OWNERS, self.action_owners[fa.id]),
-                    ),
+                _object(
+                    NEGPOL, dn, fa.id, blob,
+                    (NEGPOL_TYPE, _guid_text(g.TYPE_STANDARD)),
+                    (NEGPOL_ACTION, _guid_text(action)),
+                    (OWNERS, self.action_owners[fa.id]),
+                    name=fa.name, description=fa.description,
                 )
             )
         filters: list[Entry] = []
@@ -475,18 +442,8 @@ class _Builder:
             except g.GpIpsecError as exc:
                 raise DirectoryPolicyError(f"{where}: {exc}") from exc
             filters.append(
-                Entry(
-                    dn,
-                    _attrs(
-                        ("objectClass", FILTER),
-                        ("cn", _rdn_value(dn)),
-                        ("ipsecID", fl.id),
-                        ("ipsecName", fl.name),
-                        ("description", fl.description),
-                        (DATA_TYPE, DATA_TYPE_VALUE),
-                        (DATA, blob),
-                        (OWNERS, self.list_owners[fl.id]),
-                    ),
+                _object(
+                    FILTER, dn, fl.id, blob, (OWNERS, self.list_owners[fl.id]), name=fl.name, description=fl.description
                 )
             )
         return negpols, filters
