@@ -9,10 +9,13 @@ import pytest
 from policyagent.directory.sync import (
     OwnedState,
     check_local_write,
+    created_after,
     keys_of,
     load_owned,
+    plan_computers,
     plan_sync,
     safe_error,
+    same_topology,
     save_owned,
 )
 from policyagent.model.assignment import Computer, Gpo, GpoLink, Group, OrgUnit, Scope, Topology
@@ -144,11 +147,69 @@ def test_owned_snapshot_round_trip(tmp_path: Path) -> None:
     save_owned(path, state)
     assert path.stat().st_mode & 0o777 == 0o600
     loaded = load_owned(path)
-    assert keys_of(loaded.topology) == keys_of(state.topology)
+    assert keys_of(loaded.topology) == keys_of(state.topology) and same_topology(loaded.topology, state.topology)
     assert (loaded.url, loaded.last_sync_unix_ms, loaded.last_change_unix_ms) == (URL, 1234, 1200)
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a policyagent directory snapshot"):
         load_owned(path)
+
+
+def test_incremental_plan_compares_only_the_changed_computers() -> None:
+    current = directory()
+    registry = with_revisions(current)
+    owned = plan_sync(current, frozenset(), Topology()).owned
+    looked_up: list[str] = []
+
+    def lookup(name: str) -> Computer | None:
+        looked_up.append(name)
+        return registry.computer(name)
+
+    moved = Computer("web1", "domain", "corp.example", DB, groups=frozenset({"WEB"}))
+    added = Computer("web2", "domain", "corp.example", WEB, groups=frozenset({"Unknown"}))
+    plan, given_up = plan_computers([moved, added], owned, lookup)
+    assert looked_up == ["web1", "web2"]  # db1 is not compared
+    assert [m.obj for m in plan.mutations if isinstance(m, PutObject)] == [
+        moved, Computer("web2", "domain", "corp.example", WEB)]  # a group the directory does not own is dropped
+    assert plan.owned.computers["web1"] == moved and "db1" in plan.owned.computers and given_up == frozenset()
+    # The same as the full diff of the directory with those computers replaced.
+    full = plan_sync(directory(computers=[moved, added, current.computers["db1"]]), keys_of(owned), registry)
+    assert list(full.mutations) == list(plan.mutations)
+    assert plan_computers([current.computers["web1"]], owned, registry.computer)[0].mutations == ()
+
+    # A computer the model refuses is skipped, said so, and deleted when the directory owned it.
+    bad = Computer("db1", "domain", "other.example", DB)
+    plan, given_up = plan_computers([bad], owned, registry.computer)
+    assert [(m.kind, m.key) for m in plan.mutations if isinstance(m, DeleteObject)] == [("computer", "db1")]
+    assert given_up == {("computer", "db1")} and "db1" not in plan.owned.computers
+    assert any('computer "db1"' in p for p in plan.problems)
+
+
+def test_owned_snapshot_written_by_json_format_still_loads(tmp_path: Path) -> None:
+    """Version 1 files written with json_format (before the compact writer) read the same."""
+    import json
+
+    from google.protobuf import json_format
+
+    from policyagent.pb import assign_pb
+
+    path = tmp_path / "owned.json"
+    state = OwnedState(directory(), URL, "DC=corp,DC=example", 1234, 1200)
+    save_owned(path, state)
+    data = json.loads(path.read_text())
+    message = assign_pb.Topology()
+    json_format.ParseDict(data["topology"], message)
+    data["topology"] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+    assert same_topology(load_owned(path).topology, state.topology)
+
+
+def test_created_after_the_marker() -> None:
+    csn = "20261127213756.093850Z#000000#000#000000"
+    assert created_after("contextCSN", csn, "20261127213757")
+    assert not created_after("contextCSN", csn, "20261127213756")  # the same second: no proof
+    assert not created_after("contextCSN", csn, "") and not created_after("contextCSN", "", "20261127213757")
+    assert created_after("highestCommittedUSN", "4100", "4101") and not created_after("highestCommittedUSN", "4100", "17")
+    assert not created_after("none", "", "4101")
 
 
 def test_errors_never_carry_the_password() -> None:

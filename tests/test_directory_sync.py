@@ -465,6 +465,161 @@ def test_ldapi_sasl_external(ldap: Slapd, tmp_path: Path, dir_server: Callable[.
     assert server.policy_of("db1") == REQUEST
 
 
+def test_read_computers_maps_as_read_topology(ldap: Slapd) -> None:
+    """connector.read_computers (the incremental read) gives each computer what read_topology gives it."""
+    from policyagent.directory.connector import (
+        DirectoryConfig,
+        computer_names,
+        connect,
+        find_computers,
+        read_computers,
+        read_group,
+        read_topology,
+    )
+
+    conn = connect(DirectoryConfig(ldap.url, SUFFIX, "simple", ldap.bind_dn, ldap.password))
+    try:
+        # memberOf as AD has it (pc1 in "Web Servers" by its own attribute, not the group's member list).
+        admin = ldap.connection()
+        _ok(admin, admin.modify(f"CN=pc1,{COMPUTERS}", {"memberOf": [(ldap3.MODIFY_ADD, [f"CN=Web Servers,{SUFFIX}"])]}))
+        admin.unbind()
+        full = {c.name: c for c in read_topology(conn, SUFFIX).computers}
+        dns = [f"CN=web1,{WEB}", f"CN=web2,{WEB}", f"CN=db1,{DB}", f"CN=pc1,{COMPUTERS}"]
+        reads = read_computers(conn, SUFFIX, [*dns, f"CN=Web Servers,{SUFFIX}", f"CN=gone,{WEB}"],
+                               created="createTimestamp")
+        assert reads[f"CN=Web Servers,{SUFFIX}"] is None and reads[f"CN=gone,{WEB}"] is None
+        for dn in dns:
+            read = reads[dn]
+            assert read is not None
+            expected = full[read.name]
+            assert (read.domain, list(read.groups)) == (expected.domain, list(expected.groups))
+            assert read.parent.lower() == dn.split(",", 1)[1].lower() and len(read.created) == 14
+        assert reads[f"CN=pc1,{COMPUTERS}"].groups == ("Web Servers",)  # type: ignore[union-attr]
+        group = read_group(conn, f"CN=Web Servers,{SUFFIX}")
+        assert group is not None and group.name == "Web Servers" and len(group.members) == 2
+        assert read_group(conn, f"CN=web1,{WEB}") is None
+        assert [d.lower() for d in find_computers(conn, SUFFIX, "WEB1")] == [f"CN=web1,{WEB}".lower()]
+        assert find_computers(conn, SUFFIX, "x") == []
+        assert computer_names(conn, SUFFIX) == {"web1": 1, "web2": 1, "db1": 1, "pc1": 1}
+    finally:
+        conn.unbind()
+
+
+def checked_by_hand(ldap: Slapd, tmp_path: Path, dir_server: Callable[..., DirServer]) -> tuple[DirServer, Any]:
+    """A server whose checks run only when the test says (an hour's interval, no periodic full read)."""
+    server = dir_server(settings_for(ldap, tmp_path, interval_s=3600.0, full_every=10_000))
+    wait_until(lambda: in_sync(server), "the first sync")
+    assert server.server.directory is not None
+    return server, server.server.directory
+
+
+def check(server: DirServer, service: Any) -> tuple[str, directory_pb.DirectorySyncResponse]:
+    """One check (as the interval runs it): how the directory was read ("" = not at all) and the response."""
+    before = dict(service.sync.reads)
+    response = server._run(service.sync_now(full=False))
+    kinds = [kind for kind, count in service.sync.reads.items() if count > before[kind]]
+    assert len(kinds) <= 1, service.sync.reads
+    if kinds:
+        assert response.status.last_read_kind == kinds[0]
+    return (kinds[0] if kinds else ""), response
+
+
+def computers_of(server: DirServer) -> dict[str, tuple[str, list[str]]]:
+    return {c.name: (c.ou, sorted(c.groups)) for c in server.topology().computers}
+
+
+def test_computer_changes_are_read_incrementally_and_match_a_full_read(
+    ldap: Slapd, tmp_path: Path, dir_server: Callable[..., DirServer]
+) -> None:
+    """A move, a computer added in a known OU, a move out of and into CN=Computers and group membership
+    changes re-read only the computers concerned, write only what changed, and leave the registry as a
+    full read leaves it."""
+    server, service = checked_by_hand(ldap, tmp_path, dir_server)
+    assert check(server, service)[0] == ""  # nothing changed: not even an incremental read
+    conn = ldap.connection()
+
+    seq = server.last_seq()
+    move(conn, "web1", WEB, DB)
+    kind, response = check(server, service)
+    assert kind == "incremental" and response.mutations == 1 and list(response.changed_computers) == ["web1"]
+    assert [(c.kind, c.key) for c in server.changes_after(seq)] == [("computer", "web1")]
+    # slapd has no referential integrity: the group still names web1's old DN, so web1 left it (a full
+    # read says the same).
+    assert server.policy_of("web1") == REQUEST and computers_of(server)["web1"] == (DB, [])
+
+    ldap.add_computer(WEB, "web3", f"web3.{DOMAIN}")
+    move(conn, "pc1", COMPUTERS, DB)
+    assert check(server, service)[0] == "incremental"
+    assert computers_of(server)["web3"] == (WEB, []) and server.policy_of("web3") == SECURE
+    assert computers_of(server)["pc1"] == (DB, []) and server.policy_of("pc1") == REQUEST
+    move(conn, "pc1", DB, COMPUTERS)
+    assert check(server, service)[0] == "incremental"
+    assert computers_of(server)["pc1"] == ("", []) and server.policy_of("pc1") == RESPOND
+
+    # groupOfNames membership: db1 joins "Web Servers", web2 leaves it (the group entry is what changed).
+    group = f"CN=Web Servers,{SUFFIX}"
+    _ok(conn, conn.modify(group, {"member": [(ldap3.MODIFY_ADD, [f"CN=db1,{DB}"]),
+                                             (ldap3.MODIFY_DELETE, [f"CN=web2,{WEB}"])]}))
+    seq = server.last_seq()
+    kind, response = check(server, service)
+    assert kind == "incremental" and response.mutations == 2
+    assert {(c.kind, c.key) for c in server.changes_after(seq)} == {("computer", "db1"), ("computer", "web2")}
+    assert computers_of(server)["db1"] == (DB, ["Web Servers"]) and computers_of(server)["web2"] == (WEB, [])
+
+    # An unchanged computer attribute: read, nothing written.
+    _ok(conn, conn.modify(f"CN=web3,{WEB}", {"dNSHostName": [(ldap3.MODIFY_REPLACE, [f"web3b.{DOMAIN}"])]}))
+    kind, response = check(server, service)
+    assert kind == "incremental" and response.mutations == 0
+
+    incremental = dict(service.sync.reads)
+    full = server.directory.Sync(directory_pb.DirectorySyncRequest(), timeout=RPC_TIMEOUT_S)
+    assert full.mutations == 0, full  # a full read finds the registry as the incremental reads left it
+    assert full.status.last_read_kind == "full" and service.sync.reads["full"] == incremental["full"] + 1
+    assert incremental["full"] == 1 and incremental["incremental"] == 5
+    # The owned snapshot on disk is what a restarted server loads: it has the incremental changes.
+    from policyagent.directory.sync import load_owned
+
+    owned = load_owned(tmp_path / "data" / OWNED_FILE).topology
+    assert owned.computers["web1"].ou == DB and owned.computers["web3"].ou == WEB
+    conn.unbind()
+
+
+def test_other_directory_changes_fall_back_to_a_full_read(
+    ldap: Slapd, tmp_path: Path, dir_server: Callable[..., DirServer]
+) -> None:
+    """What an incremental read cannot map is read in full: a new OU with a computer moved into it, a
+    deletion, a GPO's IPsec pointer, a renamed computer, a second object taking an owned name."""
+    server, service = checked_by_hand(ldap, tmp_path, dir_server)
+    conn = ldap.connection()
+
+    lab = ldap.add_ou(f"OU=Lab,{SUFFIX}")
+    move(conn, "db1", DB, lab)
+    assert check(server, service)[0] == "full"
+    assert computers_of(server)["db1"] == (lab, []) and lab in {o.dn for o in server.topology().ous}
+
+    _ok(conn, conn.delete(f"CN=web2,{WEB}"))
+    assert check(server, service)[0] == "full"  # the marker moved and no entry shows why
+    assert "web2" not in computers_of(server)
+
+    set_pointer(conn, GPO_WEB, RESPOND)
+    assert check(server, service)[0] == "full"
+    assert server.policy_of("web1") == RESPOND
+
+    _ok(conn, conn.modify_dn(f"CN=pc1,{COMPUTERS}", "CN=pc9"))
+    _ok(conn, conn.modify(f"CN=pc9,{COMPUTERS}", {"sAMAccountName": [(ldap3.MODIFY_REPLACE, ["PC9$"])]}))
+    assert check(server, service)[0] == "full"  # pc9 is new and pc1 is gone: a rename, not an add
+    assert "pc1" not in computers_of(server) and computers_of(server)["pc9"] == ("", [])
+
+    ldap.add_computer(DB, "web1", f"web1.{DOMAIN}")  # a second web1
+    assert check(server, service)[0] == "full"
+    assert computers_of(server)["web1"][0] in (WEB, DB)
+
+    response = server.directory.Sync(directory_pb.DirectorySyncRequest(), timeout=RPC_TIMEOUT_S)
+    assert response.mutations == 0, response
+    assert service.sync.reads["incremental"] == 0
+    conn.unbind()
+
+
 def test_a_gpo_whose_policy_cannot_be_imported_assigns_none_and_says_why(
     ldap: Slapd, tmp_path: Path, dir_server: Callable[..., DirServer]
 ) -> None:

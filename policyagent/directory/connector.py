@@ -40,6 +40,7 @@ of the DC you stay bound to — USNs are per DC).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import ssl
@@ -560,3 +561,164 @@ def changes_since_usn(conn: Any, base_dn: str, usn: int, *, page_size: int = 500
         return highest, []
     dns = [dn for dn, _a in _paged(conn, base_dn, f"(uSNChanged>={usn + 1})", ["1.1"], page_size=page_size)]
     return max(highest, usn), sorted(dns, key=str.casefold)
+
+
+# ------------------------------------------------------------------ reading changed entries (incremental sync)
+
+_GROUP_FILTER = "(|(objectClass=group)(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"
+_GROUP_CLASSES = frozenset({"group", "groupofnames", "groupofuniquenames"})
+_COMPUTER_ATTRIBUTES = ["objectClass", "cn", "sAMAccountName", "dNSHostName", "memberOf"]
+
+
+@dataclass(frozen=True)
+class ComputerRead:
+    """One computer object read by DN, mapped as read_topology maps it; `parent` decides its OU."""
+
+    dn: str
+    parent: str  # the parent's DN as the directory spells it
+    name: str  # lower case, from sAMAccountName (without "$"), else cn
+    domain: str
+    groups: tuple[str, ...]  # sorted case-insensitively
+    # When the object was created, as read_computers' `created` attribute says: uSNCreated (AD) as
+    # digits, createTimestamp as YYYYMMDDHHMMSS (UTC); "" when not asked for or not there.
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class GroupRead:
+    dn: str
+    name: str  # sAMAccountName, else cn
+    description: str
+    members: tuple[str, ...]  # member and uniqueMember DNs
+
+
+def _entry(conn: Any, dn: str, attributes: list[str]) -> Mapping[str, Any] | None:
+    """The attributes of the entry `dn` (a base search), None when there is no such entry."""
+    for _dn, attrs in _paged(conn, dn, "(objectClass=*)", attributes, scope="BASE"):
+        return attrs
+    return None
+
+
+def _classes(attrs: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(v.strip().lower() for v in _values(attrs, "objectClass"))
+
+
+def _computer_name(attrs: Mapping[str, Any]) -> str:
+    return canonical_computer_name((_first(attrs, "sAMAccountName") or _first(attrs, "cn")).removesuffix("$"))
+
+
+def dn_key(dn: str) -> str:
+    """A DN compared as the directory compares it: attribute names and values case-insensitive, no spaces."""
+    return _dn_key(dn)
+
+
+def dn_within(dn: str, base_dn: str) -> bool:
+    """True if `dn` is `base_dn` or below it."""
+    key, base = _dn_key(dn), _dn_key(base_dn)
+    return key == base or key.endswith("," + base)
+
+
+def _created(attrs: Mapping[str, Any], name: str) -> str:
+    value = attrs.get(name)
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if value is None:
+        return ""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.UTC)
+        return value.strftime("%Y%m%d%H%M%S")
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return "".join(ch for ch in text.split(".", 1)[0] if ch.isdigit())
+
+
+def read_computers(
+    conn: Any, base_dn: str, dns: list[str], *, domain: str = "", created: str = ""
+) -> dict[str, ComputerRead | None]:
+    """DN → the computer object there, read as read_topology reads it (name, domain, groups from memberOf
+    and from the groups whose member/uniqueMember lists it), or None when the entry is not a computer,
+    has no name, or does not exist (any more). One base search per DN plus one group search per computer.
+
+    `domain` defaults to the base DN's (as read_topology). `created` names an attribute that says when
+    the object was created (uSNCreated on AD, createTimestamp on OpenLDAP: ComputerRead.created). Group
+    names: a group found by the member search gives its sAMAccountName/cn; a memberOf DN under the base
+    that is a group gives its name; any other memberOf value its first RDN's value — read_topology's
+    mapping, entry by entry.
+    """
+    domain = domain or domain_of(base_dn)
+    attributes = [*_COMPUTER_ATTRIBUTES, created] if created else _COMPUTER_ATTRIBUTES
+    out: dict[str, ComputerRead | None] = {}
+    for dn in dns:
+        attrs = _entry(conn, dn, attributes)
+        if attrs is None or "computer" not in _classes(attrs):
+            out[dn] = None
+            continue
+        name = _computer_name(attrs)
+        if not name:
+            out[dn] = None
+            continue
+        value = escape_filter_chars(dn)
+        group_names: dict[str, str] = {}  # DN key → name
+        for group_dn, group in _paged(
+            conn, base_dn, f"(&{_GROUP_FILTER}(|(member={value})(uniqueMember={value})))", ["cn", "sAMAccountName"]
+        ):
+            group_name = _first(group, "sAMAccountName") or _first(group, "cn")
+            if group_name:
+                group_names[_dn_key(group_dn)] = group_name
+        member_of = set(group_names.values())
+        for group_dn in _values(attrs, "memberOf"):
+            known = group_names.get(_dn_key(group_dn))
+            if known is None and dn_within(group_dn, base_dn):
+                entry = _entry(conn, group_dn, ["objectClass", "cn", "sAMAccountName"])
+                if entry is not None and _classes(entry) & _GROUP_CLASSES:
+                    known = _first(entry, "sAMAccountName") or _first(entry, "cn") or None
+            if known is None:
+                try:
+                    known = _rdns(group_dn)[0][1]
+                except (LDAPInvalidDnError, IndexError):
+                    known = group_dn
+            member_of.add(known)
+        host = _first(attrs, "dNSHostName").strip().rstrip(".").lower()
+        out[dn] = ComputerRead(
+            dn=dn,
+            parent=_parent(dn),
+            name=name,
+            domain=domain or (host.split(".", 1)[1] if "." in host else ""),
+            groups=tuple(sorted(member_of, key=str.casefold)),
+            created=_created(attrs, created) if created else "",
+        )
+    return out
+
+
+def read_group(conn: Any, dn: str) -> GroupRead | None:
+    """The group at `dn` (objectClass group, groupOfNames or groupOfUniqueNames) with its member DNs; None
+    when the entry is not a group or does not exist."""
+    attrs = _entry(conn, dn, ["objectClass", "cn", "sAMAccountName", "description", "member", "uniqueMember"])
+    if attrs is None or not _classes(attrs) & _GROUP_CLASSES:
+        return None
+    name = _first(attrs, "sAMAccountName") or _first(attrs, "cn")
+    if not name:
+        return None
+    members = tuple(_values(attrs, "member") + _values(attrs, "uniqueMember"))
+    return GroupRead(dn, name, _first(attrs, "description"), members)
+
+
+def find_computers(conn: Any, base_dn: str, name: str) -> list[str]:
+    """The DNs of the computer objects under `base_dn` that read_topology would name `name` (sorted)."""
+    wanted = canonical_computer_name(name)
+    value = escape_filter_chars(wanted)
+    found = _paged(
+        conn, base_dn, f"(&(objectClass=computer)(|(sAMAccountName={value}$)(sAMAccountName={value})(cn={value})))",
+        ["cn", "sAMAccountName"],
+    )
+    return sorted((dn for dn, attrs in found if _computer_name(attrs) == wanted), key=str.casefold)
+
+
+def computer_names(conn: Any, base_dn: str, *, page_size: int = 500) -> dict[str, int]:
+    """Name → how many computer objects under `base_dn` carry it (names as read_topology derives them)."""
+    counts: dict[str, int] = {}
+    for _dn, attrs in _paged(conn, base_dn, "(objectClass=computer)", ["cn", "sAMAccountName"], page_size=page_size):
+        name = _computer_name(attrs)
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return counts

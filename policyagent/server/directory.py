@@ -36,7 +36,14 @@ from policyagent.directory.adstore import (
     policy_entries,
     select_policies,
 )
-from policyagent.directory.sync import DIRECTORY_ERRORS, ApplyOutcome, DirectorySettings, DirectorySync, safe_error
+from policyagent.directory.sync import (
+    DIRECTORY_ERRORS,
+    ApplyOutcome,
+    ComputerChanges,
+    DirectorySettings,
+    DirectorySync,
+    safe_error,
+)
 from policyagent.model.assignment import Gpo
 from policyagent.model.errors import (
     NotFoundError,
@@ -289,7 +296,9 @@ class DirectoryService:
         try:
             marker, read = await self._in_ldap(self.sync.read_directory, full)
             outcome: ApplyOutcome | None = None
-            if read is not None:
+            if isinstance(read, ComputerChanges):
+                outcome = await self._in_store(self.sync.apply_changes, read)
+            elif read is not None:
                 missing = await self._in_store(self.sync.missing_policies, read)
                 fetched = await self._in_ldap(self.sync.fetch_policies, missing) if missing else None
                 outcome = await self._in_store(self.sync.apply, read, fetched)
@@ -308,7 +317,8 @@ class DirectoryService:
             self.sync.checked(_now_ms())
         response = directory_pb.DirectorySyncResponse()
         if outcome is not None:
-            self.last_read_ms = _now_ms()
+            if not isinstance(read, ComputerChanges):
+                self.last_read_ms = _now_ms()  # the last full read
             self.last_duration_ms = round((time.monotonic() - started) * 1000)
             self.problems = outcome.problems[:MAX_PROBLEMS]
             if outcome.mutations:
@@ -317,6 +327,7 @@ class DirectoryService:
                     "directory change applied",
                     extra={
                         "url": self.settings.url,
+                        "read": self.sync.last_read_kind,
                         "mutations": outcome.mutations,
                         "changed_computers": len(outcome.changed_computers),
                         "duration_ms": self.last_duration_ms,
@@ -531,6 +542,7 @@ class DirectoryService:
             last_change_unix_ms=self.sync.state.last_change_unix_ms,
             last_changed_computers=self.last_changed_computers,
             last_sync_duration_ms=self.last_duration_ms,
+            last_read_kind=self.sync.last_read_kind,
             down_since_unix_ms=self.down_since_ms if self.state == directory_pb.DIRECTORY_STATE_DOWN else 0,
             last_error=self.last_error,
             last_error_unix_ms=self.last_error_ms,

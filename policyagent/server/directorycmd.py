@@ -55,6 +55,7 @@ def render(status: directory_pb.DirectoryStatus, out: TextIO) -> None:
     print(summary_line(status), file=out)
     if status.state in (directory_pb.DIRECTORY_STATE_NOT_CONFIGURED, directory_pb.DIRECTORY_STATE_UNSPECIFIED):
         return
+    kind = f" ({status.last_read_kind} read)" if status.last_read_kind else ""
     rows = [
         ("State", _STATE_WORDS.get(status.state, "?")),
         ("Base DN", status.base_dn),
@@ -64,7 +65,7 @@ def render(status: directory_pb.DirectoryStatus, out: TextIO) -> None:
         ("Last sync", _iso(status.last_sync_unix_ms)),
         ("Last full read", _iso(status.last_read_unix_ms)),
         ("Last change", _iso(status.last_change_unix_ms)),
-        ("Last read took", f"{status.last_sync_duration_ms} ms"),
+        ("Last read took", f"{status.last_sync_duration_ms} ms{kind}"),
         (
             "Owned",
             f"{status.computers} computer(s), {status.ous} OU(s), {status.sites} site(s), {status.groups} group(s), "

@@ -26,37 +26,37 @@ from policyagent._proto.policyagent.v1 import admin_pb2 as policyagent_dot_v1_do
 from policyagent._proto.policyagent.v1 import assignment_pb2 as policyagent_dot_v1_dot_assignment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epolicyagent/v1/directory.proto\x12\x0epolicyagent.v1\x1a\x1apolicyagent/v1/admin.proto\x1a\x1fpolicyagent/v1/assignment.proto\"\x18\n\x16\x44irectoryStatusRequest\"\x86\x04\n\x0f\x44irectoryStatus\x12-\n\x05state\x18\x01 \x01(\x0e\x32\x1e.policyagent.v1.DirectoryState\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61se_dn\x18\x03 \x01(\t\x12\x0c\n\x04\x62ind\x18\x04 \x01(\t\x12\x15\n\rchange_marker\x18\x05 \x01(\t\x12\x18\n\x10interval_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13server_time_unix_ms\x18\x07 \x01(\x03\x12\x19\n\x11last_sync_unix_ms\x18\x08 \x01(\x03\x12\x19\n\x11last_read_unix_ms\x18\t \x01(\x03\x12\x1b\n\x13last_change_unix_ms\x18\n \x01(\x03\x12\x1e\n\x16last_changed_computers\x18\x0b \x01(\r\x12\x1d\n\x15last_sync_duration_ms\x18\x0c \x01(\r\x12\x1a\n\x12\x64own_since_unix_ms\x18\r \x01(\x03\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x1a\n\x12last_error_unix_ms\x18\x0f \x01(\x03\x12\x11\n\tcomputers\x18\x10 \x01(\r\x12\x0b\n\x03ous\x18\x11 \x01(\r\x12\r\n\x05sites\x18\x12 \x01(\r\x12\x0e\n\x06groups\x18\x13 \x01(\r\x12\x0c\n\x04gpos\x18\x14 \x01(\r\x12\r\n\x05links\x18\x15 \x01(\r\x12\x10\n\x08problems\x18\x16 \x03(\t\"\x16\n\x14\x44irectorySyncRequest\"v\n\x15\x44irectorySyncResponse\x12/\n\x06status\x18\x01 \x01(\x0b\x32\x1f.policyagent.v1.DirectoryStatus\x12\x11\n\tmutations\x18\x02 \x01(\r\x12\x19\n\x11\x63hanged_computers\x18\x03 \x03(\t\"+\n\x17\x44irectoryPublishRequest\x12\x10\n\x08policies\x18\x01 \x03(\t\"^\n\x18\x44irectoryPublishResponse\x12\x10\n\x08policies\x18\x01 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x10\n\x08modified\x18\x03 \x03(\t\x12\x0f\n\x07\x64\x65leted\x18\x04 \x03(\t\"5\n\x16\x44irectoryAssignRequest\x12\x0b\n\x03gpo\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"\x93\x01\n\x17\x44irectoryAssignResponse\x12 \n\x03gpo\x18\x01 \x01(\x0b\x32\x13.policyagent.v1.Gpo\x12\x19\n\x11\x63hanged_computers\x18\x02 \x03(\t\x12;\n\tpublished\x18\x03 \x01(\x0b\x32(.policyagent.v1.DirectoryPublishResponse\"8\n\x16\x44irectoryImportRequest\x12\x10\n\x08policies\x18\x01 \x03(\t\x12\x0c\n\x04ldif\x18\x02 \x01(\t\";\n\x16\x44irectoryExportRequest\x12\x10\n\x08policies\x18\x01 \x03(\t\x12\x0f\n\x07\x62\x61se_dn\x18\x02 \x01(\t\"[\n\x17\x44irectoryExportResponse\x12\x0c\n\x04ldif\x18\x01 \x01(\t\x12\x10\n\x08policies\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61se_dn\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\r*\xac\x01\n\x0e\x44irectoryState\x12\x1f\n\x1b\x44IRECTORY_STATE_UNSPECIFIED\x10\x00\x12\"\n\x1e\x44IRECTORY_STATE_NOT_CONFIGURED\x10\x01\x12\x1e\n\x1a\x44IRECTORY_STATE_CONNECTING\x10\x02\x12\x1b\n\x17\x44IRECTORY_STATE_IN_SYNC\x10\x03\x12\x18\n\x14\x44IRECTORY_STATE_DOWN\x10\x04\x32\xa0\x04\n\x0e\x44irectoryAdmin\x12T\n\tGetStatus\x12&.policyagent.v1.DirectoryStatusRequest\x1a\x1f.policyagent.v1.DirectoryStatus\x12S\n\x04Sync\x12$.policyagent.v1.DirectorySyncRequest\x1a%.policyagent.v1.DirectorySyncResponse\x12\\\n\x07Publish\x12\'.policyagent.v1.DirectoryPublishRequest\x1a(.policyagent.v1.DirectoryPublishResponse\x12Y\n\x06\x41ssign\x12&.policyagent.v1.DirectoryAssignRequest\x1a\'.policyagent.v1.DirectoryAssignResponse\x12O\n\x06Import\x12&.policyagent.v1.DirectoryImportRequest\x1a\x1d.policyagent.v1.ApplyResponse\x12Y\n\x06\x45xport\x12&.policyagent.v1.DirectoryExportRequest\x1a\'.policyagent.v1.DirectoryExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epolicyagent/v1/directory.proto\x12\x0epolicyagent.v1\x1a\x1apolicyagent/v1/admin.proto\x1a\x1fpolicyagent/v1/assignment.proto\"\x18\n\x16\x44irectoryStatusRequest\"\x9e\x04\n\x0f\x44irectoryStatus\x12-\n\x05state\x18\x01 \x01(\x0e\x32\x1e.policyagent.v1.DirectoryState\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61se_dn\x18\x03 \x01(\t\x12\x0c\n\x04\x62ind\x18\x04 \x01(\t\x12\x15\n\rchange_marker\x18\x05 \x01(\t\x12\x18\n\x10interval_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13server_time_unix_ms\x18\x07 \x01(\x03\x12\x19\n\x11last_sync_unix_ms\x18\x08 \x01(\x03\x12\x19\n\x11last_read_unix_ms\x18\t \x01(\x03\x12\x1b\n\x13last_change_unix_ms\x18\n \x01(\x03\x12\x1e\n\x16last_changed_computers\x18\x0b \x01(\r\x12\x1d\n\x15last_sync_duration_ms\x18\x0c \x01(\r\x12\x1a\n\x12\x64own_since_unix_ms\x18\r \x01(\x03\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x1a\n\x12last_error_unix_ms\x18\x0f \x01(\x03\x12\x11\n\tcomputers\x18\x10 \x01(\r\x12\x0b\n\x03ous\x18\x11 \x01(\r\x12\r\n\x05sites\x18\x12 \x01(\r\x12\x0e\n\x06groups\x18\x13 \x01(\r\x12\x0c\n\x04gpos\x18\x14 \x01(\r\x12\r\n\x05links\x18\x15 \x01(\r\x12\x10\n\x08problems\x18\x16 \x03(\t\x12\x16\n\x0elast_read_kind\x18\x17 \x01(\t\"\x16\n\x14\x44irectorySyncRequest\"v\n\x15\x44irectorySyncResponse\x12/\n\x06status\x18\x01 \x01(\x0b\x32\x1f.policyagent.v1.DirectoryStatus\x12\x11\n\tmutations\x18\x02 \x01(\r\x12\x19\n\x11\x63hanged_computers\x18\x03 \x03(\t\"+\n\x17\x44irectoryPublishRequest\x12\x10\n\x08policies\x18\x01 \x03(\t\"^\n\x18\x44irectoryPublishResponse\x12\x10\n\x08policies\x18\x01 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x10\n\x08modified\x18\x03 \x03(\t\x12\x0f\n\x07\x64\x65leted\x18\x04 \x03(\t\"5\n\x16\x44irectoryAssignRequest\x12\x0b\n\x03gpo\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\"\x93\x01\n\x17\x44irectoryAssignResponse\x12 \n\x03gpo\x18\x01 \x01(\x0b\x32\x13.policyagent.v1.Gpo\x12\x19\n\x11\x63hanged_computers\x18\x02 \x03(\t\x12;\n\tpublished\x18\x03 \x01(\x0b\x32(.policyagent.v1.DirectoryPublishResponse\"8\n\x16\x44irectoryImportRequest\x12\x10\n\x08policies\x18\x01 \x03(\t\x12\x0c\n\x04ldif\x18\x02 \x01(\t\";\n\x16\x44irectoryExportRequest\x12\x10\n\x08policies\x18\x01 \x03(\t\x12\x0f\n\x07\x62\x61se_dn\x18\x02 \x01(\t\"[\n\x17\x44irectoryExportResponse\x12\x0c\n\x04ldif\x18\x01 \x01(\t\x12\x10\n\x08policies\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61se_dn\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\r*\xac\x01\n\x0e\x44irectoryState\x12\x1f\n\x1b\x44IRECTORY_STATE_UNSPECIFIED\x10\x00\x12\"\n\x1e\x44IRECTORY_STATE_NOT_CONFIGURED\x10\x01\x12\x1e\n\x1a\x44IRECTORY_STATE_CONNECTING\x10\x02\x12\x1b\n\x17\x44IRECTORY_STATE_IN_SYNC\x10\x03\x12\x18\n\x14\x44IRECTORY_STATE_DOWN\x10\x04\x32\xa0\x04\n\x0e\x44irectoryAdmin\x12T\n\tGetStatus\x12&.policyagent.v1.DirectoryStatusRequest\x1a\x1f.policyagent.v1.DirectoryStatus\x12S\n\x04Sync\x12$.policyagent.v1.DirectorySyncRequest\x1a%.policyagent.v1.DirectorySyncResponse\x12\\\n\x07Publish\x12\'.policyagent.v1.DirectoryPublishRequest\x1a(.policyagent.v1.DirectoryPublishResponse\x12Y\n\x06\x41ssign\x12&.policyagent.v1.DirectoryAssignRequest\x1a\'.policyagent.v1.DirectoryAssignResponse\x12O\n\x06Import\x12&.policyagent.v1.DirectoryImportRequest\x1a\x1d.policyagent.v1.ApplyResponse\x12Y\n\x06\x45xport\x12&.policyagent.v1.DirectoryExportRequest\x1a\'.policyagent.v1.DirectoryExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policyagent.v1.directory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIRECTORYSTATE']._serialized_start=1361
-  _globals['_DIRECTORYSTATE']._serialized_end=1533
+  _globals['_DIRECTORYSTATE']._serialized_start=1385
+  _globals['_DIRECTORYSTATE']._serialized_end=1557
   _globals['_DIRECTORYSTATUSREQUEST']._serialized_start=111
   _globals['_DIRECTORYSTATUSREQUEST']._serialized_end=135
   _globals['_DIRECTORYSTATUS']._serialized_start=138
-  _globals['_DIRECTORYSTATUS']._serialized_end=656
-  _globals['_DIRECTORYSYNCREQUEST']._serialized_start=658
-  _globals['_DIRECTORYSYNCREQUEST']._serialized_end=680
-  _globals['_DIRECTORYSYNCRESPONSE']._serialized_start=682
-  _globals['_DIRECTORYSYNCRESPONSE']._serialized_end=800
-  _globals['_DIRECTORYPUBLISHREQUEST']._serialized_start=802
-  _globals['_DIRECTORYPUBLISHREQUEST']._serialized_end=845
-  _globals['_DIRECTORYPUBLISHRESPONSE']._serialized_start=847
-  _globals['_DIRECTORYPUBLISHRESPONSE']._serialized_end=941
-  _globals['_DIRECTORYASSIGNREQUEST']._serialized_start=943
-  _globals['_DIRECTORYASSIGNREQUEST']._serialized_end=996
-  _globals['_DIRECTORYASSIGNRESPONSE']._serialized_start=999
-  _globals['_DIRECTORYASSIGNRESPONSE']._serialized_end=1146
-  _globals['_DIRECTORYIMPORTREQUEST']._serialized_start=1148
-  _globals['_DIRECTORYIMPORTREQUEST']._serialized_end=1204
-  _globals['_DIRECTORYEXPORTREQUEST']._serialized_start=1206
-  _globals['_DIRECTORYEXPORTREQUEST']._serialized_end=1265
-  _globals['_DIRECTORYEXPORTRESPONSE']._serialized_start=1267
-  _globals['_DIRECTORYEXPORTRESPONSE']._serialized_end=1358
-  _globals['_DIRECTORYADMIN']._serialized_start=1536
-  _globals['_DIRECTORYADMIN']._serialized_end=2080
+  _globals['_DIRECTORYSTATUS']._serialized_end=680
+  _globals['_DIRECTORYSYNCREQUEST']._serialized_start=682
+  _globals['_DIRECTORYSYNCREQUEST']._serialized_end=704
+  _globals['_DIRECTORYSYNCRESPONSE']._serialized_start=706
+  _globals['_DIRECTORYSYNCRESPONSE']._serialized_end=824
+  _globals['_DIRECTORYPUBLISHREQUEST']._serialized_start=826
+  _globals['_DIRECTORYPUBLISHREQUEST']._serialized_end=869
+  _globals['_DIRECTORYPUBLISHRESPONSE']._serialized_start=871
+  _globals['_DIRECTORYPUBLISHRESPONSE']._serialized_end=965
+  _globals['_DIRECTORYASSIGNREQUEST']._serialized_start=967
+  _globals['_DIRECTORYASSIGNREQUEST']._serialized_end=1020
+  _globals['_DIRECTORYASSIGNRESPONSE']._serialized_start=1023
+  _globals['_DIRECTORYASSIGNRESPONSE']._serialized_end=1170
+  _globals['_DIRECTORYIMPORTREQUEST']._serialized_start=1172
+  _globals['_DIRECTORYIMPORTREQUEST']._serialized_end=1228
+  _globals['_DIRECTORYEXPORTREQUEST']._serialized_start=1230
+  _globals['_DIRECTORYEXPORTREQUEST']._serialized_end=1289
+  _globals['_DIRECTORYEXPORTRESPONSE']._serialized_start=1291
+  _globals['_DIRECTORYEXPORTRESPONSE']._serialized_end=1382
+  _globals['_DIRECTORYADMIN']._serialized_start=1560
+  _globals['_DIRECTORYADMIN']._serialized_end=2104
 # @@protoc_insertion_point(module_scope)

@@ -94,6 +94,7 @@ class DirectoryStatus(_message.Message):
     GPOS_FIELD_NUMBER: _builtins.int
     LINKS_FIELD_NUMBER: _builtins.int
     PROBLEMS_FIELD_NUMBER: _builtins.int
+    LAST_READ_KIND_FIELD_NUMBER: _builtins.int
     state: Global___DirectoryState.ValueType
     url: _builtins.str
     base_dn: _builtins.str
@@ -127,6 +128,10 @@ class DirectoryStatus(_message.Message):
     groups: _builtins.int
     gpos: _builtins.int
     links: _builtins.int
+    last_read_kind: _builtins.str
+    """How the last read that reached the registry was made: "full" (everything) or "incremental" (only
+    the computers whose entries changed since the last applied marker); "" before the first read.
+    """
     @_builtins.property
     def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Problems of the last read: GPOs whose IPsec policy could not be imported (the GPO then
@@ -159,10 +164,11 @@ class DirectoryStatus(_message.Message):
         gpos: _builtins.int = ...,
         links: _builtins.int = ...,
         problems: _abc.Iterable[_builtins.str] | None = ...,
+        last_read_kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_dn", b"base_dn", "bind", b"bind", "change_marker", b"change_marker", "computers", b"computers", "down_since_unix_ms", b"down_since_unix_ms", "gpos", b"gpos", "groups", b"groups", "interval_seconds", b"interval_seconds", "last_change_unix_ms", b"last_change_unix_ms", "last_changed_computers", b"last_changed_computers", "last_error", b"last_error", "last_error_unix_ms", b"last_error_unix_ms", "last_read_unix_ms", b"last_read_unix_ms", "last_sync_duration_ms", b"last_sync_duration_ms", "last_sync_unix_ms", b"last_sync_unix_ms", "links", b"links", "ous", b"ous", "problems", b"problems", "server_time_unix_ms", b"server_time_unix_ms", "sites", b"sites", "state", b"state", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_dn", b"base_dn", "bind", b"bind", "change_marker", b"change_marker", "computers", b"computers", "down_since_unix_ms", b"down_since_unix_ms", "gpos", b"gpos", "groups", b"groups", "interval_seconds", b"interval_seconds", "last_change_unix_ms", b"last_change_unix_ms", "last_changed_computers", b"last_changed_computers", "last_error", b"last_error", "last_error_unix_ms", b"last_error_unix_ms", "last_read_kind", b"last_read_kind", "last_read_unix_ms", b"last_read_unix_ms", "last_sync_duration_ms", b"last_sync_duration_ms", "last_sync_unix_ms", b"last_sync_unix_ms", "links", b"links", "ous", b"ous", "problems", b"problems", "server_time_unix_ms", b"server_time_unix_ms", "sites", b"sites", "state", b"state", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
