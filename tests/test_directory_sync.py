@@ -667,7 +667,8 @@ def test_a_gpo_policy_missing_from_the_store_is_imported_from_the_directory(
 @pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")  # ldap3 2.9.1's valid_names check
 def test_active_directory_samba_dc(tmp_path: Path, dir_server: Callable[..., DirServer]) -> None:
     """The same sync against a real AD (Samba DC, tests/samba.py): LDAPS validated against the DC's
-    certificate name, highestCommittedUSN as the marker, uSNChanged for a move, the periodic full
+    certificate name, highestCommittedUSN as the marker, computers in two OUs with GPOs linked → the
+    right policies, also on a real agent; uSNChanged for a move (the agent follows), the periodic full
     read for a deletion (AD hides deletions from USN searches)."""
     from samba import samba_unavailable, start_samba
 
@@ -703,8 +704,13 @@ def test_active_directory_samba_dc(tmp_path: Path, dir_server: Callable[..., Dir
         assert (server.policy_of("web1"), server.policy_of("db1")) == (SECURE, REQUEST)
         assert next(c for c in server.topology().computers if c.name == "web1").ou == web
 
-        dc.move(f"CN=web1,{web}", db)
-        wait_until(lambda: server.policy_of("web1") == REQUEST, "web1 to move on the DC", INTERVAL_S + 10)
+        # A real agent for web1 gets the Web OU's policy, then the Db OU's once web1 is moved on the DC.
+        data_dir = server.data_dir
+        with running_agent(server.address, server.server.enroll_address, data_dir, "web1", dc.domain, tmp_path) as runs:
+            wait_until(runs("Secure Server (Require Security)"), "the agent to run the Web OU's policy", 30)
+            dc.move(f"CN=web1,{web}", db)
+            wait_until(lambda: server.policy_of("web1") == REQUEST, "web1 to move on the DC", INTERVAL_S + 10)
+            wait_until(runs("Server (Request Security)"), "the agent to run the Db OU's policy", 10)
         dc.delete(f"CN=db1,{db}")
         wait_until(lambda: "db1" not in {c.name for c in server.topology().computers},
                    "db1's deletion to be seen by a full read", 10 * INTERVAL_S + 15)
@@ -735,6 +741,58 @@ def test_server_without_directory_says_not_configured(inproc_server: Callable[..
 # ---------------------------------------------------------------------------- acceptance: a real agent
 
 
+@contextlib.contextmanager
+def running_agent(
+    address: str, enroll_address: str, data_dir: Path, computer: str, domain: str, tmp_path: Path
+) -> Iterator[Callable[[str], Callable[[], bool]]]:
+    """A `policyagent agent` process for `computer` (a domain member by join token, record-only enforcer);
+    yields runs(POLICY_NAME): a check that the agent is in sync and runs that policy."""
+    code, token, err = run_cli(
+        "join-token", "create", computer, "--ttl", "10m", "--data-dir", str(data_dir), "--domain", domain)
+    assert code == 0, err
+    state = tmp_path / f"agent-{computer}"
+    log = tmp_path / f"agent-{computer}.stderr"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "policyagent.cli", "agent", "--server", address, "--state-dir", str(state),
+         "--backoff-max", "0.5", "--enforcer", "record-only", "--enroll-server", enroll_address,
+         "--ca-file", str(data_dir / "pki" / "ca.crt"), "--computer", computer, "--enroll-token", token.strip()],
+        stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+    )
+    channel: grpc.Channel | None = None
+    try:
+        assert agent.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([agent.stdout], [], [], 0.1)
+            if ready and agent.stdout.readline().startswith("agent socket "):
+                break
+            assert agent.poll() is None, log.read_text()
+        channel = grpc.insecure_channel(f"unix:{state / 'agent.sock'}")
+        local = agent_grpc.AgentLocalStub(channel)
+
+        def runs(policy: str) -> Callable[[], bool]:
+            def check() -> bool:
+                status = local.GetStatus(agent_pb.LocalStatusRequest(), timeout=RPC_TIMEOUT_S)
+                assert status.policy_name == policy and status.connection == "in sync", status.summary
+                return True
+
+            return check
+
+        yield runs
+    finally:
+        if channel is not None:
+            channel.close()
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait(timeout=15)
+        if agent.stdout is not None:
+            agent.stdout.close()
+
+
 def test_agent_follows_its_computer_moved_in_the_directory(ldap: Slapd, tmp_path: Path) -> None:
     """A `policyagent agent` process for web1 (domain member by join token) runs the Web OU's policy;
     web1 moved to OU=Db in the directory → the agent runs the Db policy within the interval."""
@@ -748,7 +806,6 @@ def test_agent_follows_its_computer_moved_in_the_directory(ldap: Slapd, tmp_path
         ],
         log_dir=tmp_path,
     )
-    agent: subprocess.Popen[str] | None = None
     channel = admin_channel(server.address)
     try:
         directory = directory_grpc.DirectoryAdminStub(channel)
@@ -759,54 +816,17 @@ def test_agent_follows_its_computer_moved_in_the_directory(ldap: Slapd, tmp_path
 
         wait_until(synced, "the server's first sync")
         assert ldap.password not in server.stderr()
-        code, token, err = run_cli(
-            "join-token", "create", "web1", "--ttl", "10m", "--data-dir", str(server.data_dir), "--domain", DOMAIN)
-        assert code == 0, err
-        state = tmp_path / "agent-web1"
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "policyagent.cli", "agent", "--server", server.address, "--state-dir", str(state),
-             "--backoff-max", "0.5", "--enforcer", "record-only", "--enroll-server", server.enroll_address,
-             "--ca-file", str(server.data_dir / "pki" / "ca.crt"), "--computer", "web1",
-             "--enroll-token", token.strip()],
-            stdout=subprocess.PIPE, stderr=(tmp_path / "agent.stderr").open("w"), text=True,
-        )
-        assert agent.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([agent.stdout], [], [], 0.1)
-            if ready and agent.stdout.readline().startswith("agent socket "):
-                break
-            assert agent.poll() is None, (tmp_path / "agent.stderr").read_text()
-        local = agent_grpc.AgentLocalStub(grpc.insecure_channel(f"unix:{state / 'agent.sock'}"))
+        with running_agent(server.address, server.enroll_address, server.data_dir, "web1", DOMAIN, tmp_path) as runs:
+            wait_until(runs("Secure Server (Require Security)"), "the agent to run the Web OU's policy", 30)
+            # Enrolling did not move web1 out of the OU the directory put it in.
+            topology = assign_grpc.AssignmentAdminStub(channel).GetTopology(
+                assign_pb.GetTopologyRequest(), timeout=RPC_TIMEOUT_S)
+            assert next(c.ou for c in topology.computers if c.name == "web1") == WEB
 
-        def runs(policy: str) -> Callable[[], bool]:
-            def check() -> bool:
-                status = local.GetStatus(agent_pb.LocalStatusRequest(), timeout=RPC_TIMEOUT_S)
-                assert status.policy_name == policy and status.connection == "in sync", status.summary
-                return True
-
-            return check
-
-        wait_until(runs("Secure Server (Require Security)"), "the agent to run the Web OU's policy", 30)
-        # Enrolling did not move web1 out of the OU the directory put it in.
-        topology = assign_grpc.AssignmentAdminStub(channel).GetTopology(
-            assign_pb.GetTopologyRequest(), timeout=RPC_TIMEOUT_S)
-        assert next(c.ou for c in topology.computers if c.name == "web1") == WEB
-
-        conn = ldap.connection()
-        move(conn, "web1", WEB, DB)
-        conn.unbind()
-        wait_until(runs("Server (Request Security)"), "the agent to run the Db OU's policy", INTERVAL_S + 10)
+            conn = ldap.connection()
+            move(conn, "web1", WEB, DB)
+            conn.unbind()
+            wait_until(runs("Server (Request Security)"), "the agent to run the Db OU's policy", INTERVAL_S + 10)
     finally:
         channel.close()
-        if agent is not None:
-            if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-                try:
-                    agent.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    agent.kill()
-                    agent.wait(timeout=15)
-            if agent.stdout is not None:
-                agent.stdout.close()
         server.close()

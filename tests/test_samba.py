@@ -258,3 +258,23 @@ def test_stop_removes_processes_and_namespace(tmp_path: Path) -> None:
     assert server.processes() == []
     assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
+
+
+def test_connector_starttls_and_sites(dc: SambaDc) -> None:
+    """Simple bind after StartTLS on 389 (the DC refuses it in clear), and the sites under
+    CN=Sites,CN=Configuration with a GPO linked to one."""
+    config = DirectoryConfig(
+        dc.url_ldap, dc.base_dn, "simple", dc.admin_user, dc.admin_password, str(dc.ca_file),
+        tls_name=dc.tls_name, starttls=True,
+    )
+    conn = connect(config)
+    assert conn.bound and conn.tls_started
+    sites_base = f"CN=Sites,CN=Configuration,{dc.base_dn}"
+    site = f"CN=Default-First-Site-Name,{sites_base}"
+    gpo = dc.create_gpo("Site IPsec")
+    dc.link_gpo(site, gpo, enforced=True)
+    topology = read_topology(conn, dc.base_dn, sites_base=sites_base)
+    assert "Default-First-Site-Name" in {s.name for s in topology.sites}
+    (link,) = [lk for lk in topology.links if lk.gpo == gpo]
+    assert (link.scope, link.enforced, link.enabled) == ("site:Default-First-Site-Name", True, True)
+    conn.unbind()
