@@ -159,7 +159,10 @@ def _add_directory_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--directory-sites-base",
         metavar="DN",
-        help="where sites live, e.g. CN=Sites,CN=Configuration,DC=corp,DC=example (default: sites not read)",
+        help=(
+            "where sites and their subnets live, e.g. CN=Sites,CN=Configuration,DC=corp,DC=example; a computer's "
+            "site is the one whose subnet holds the address its agent connects from (default: no sites)"
+        ),
     )
     group.add_argument(
         "--directory-interval",

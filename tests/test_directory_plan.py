@@ -8,6 +8,7 @@ import pytest
 
 from policyagent.directory.sync import (
     OwnedState,
+    Subnets,
     check_local_write,
     created_after,
     keys_of,
@@ -17,9 +18,11 @@ from policyagent.directory.sync import (
     safe_error,
     same_topology,
     save_owned,
+    with_sites,
 )
-from policyagent.model.assignment import Computer, Gpo, GpoLink, Group, OrgUnit, Scope, Topology
+from policyagent.model.assignment import Computer, Gpo, GpoLink, Group, OrgUnit, Scope, Site, Topology
 from policyagent.model.errors import ProtectedError
+from policyagent.server.fleet import peer_address
 from policyagent.store.topology import DeleteObject, PutObject, UpsertComputer
 
 WEB = "OU=Web,DC=corp,DC=example"
@@ -214,3 +217,65 @@ def test_created_after_the_marker() -> None:
 
 def test_errors_never_carry_the_password() -> None:
     assert safe_error(RuntimeError("bind as x with s3cret failed"), ["s3cret"]) == "bind as x with *** failed"
+
+
+# ---------------------------------------------------------------------------- sites from subnets
+
+
+def test_subnets_longest_prefix_wins_ipv4_and_ipv6() -> None:
+    subnets = Subnets({"10.1.0.0/16": "Branch", "10.1.2.0/24": "Lab", "0.0.0.0/0": "Anywhere",
+                       "2001:db8::/32": "Branch", "2001:db8:1::/48": "Lab", "10.1.2.128/25": "Rack"})
+    assert subnets.site_of("10.1.2.3") == "Lab"
+    assert subnets.site_of("10.1.2.200") == "Rack"  # /25 beats /24
+    assert subnets.site_of("10.1.9.9") == "Branch"
+    assert subnets.site_of("192.0.2.1") == "Anywhere"
+    assert subnets.site_of("2001:db8:1::5") == "Lab" and subnets.site_of("2001:db8:2::5") == "Branch"
+    assert subnets.site_of("2001:db9::1") == ""  # no IPv6 catch-all: an IPv4 prefix never matches IPv6
+    assert subnets.site_of("::ffff:10.1.2.3") == "Lab"  # a dual-stack listener's view of an IPv4 client
+    assert subnets.site_of("") == "" and subnets.site_of("not an address") == ""
+    without_default = Subnets({"10.1.0.0/16": "Branch"})
+    assert without_default.site_of("192.0.2.1") == "" and not Subnets() and Subnets().site_of("10.1.2.3") == ""
+
+
+def test_bad_subnet_prefixes_are_skipped_and_named() -> None:
+    subnets = Subnets({"10.1.0.0/16": "Branch", "10.1.2.3/24": "HostBits", "10.1.0.0": "NoLength",
+                       "bogus": "X", "10.1.0.0/33": "TooLong", "172.16.0.0/12": "", "2001:DB8:0::/32": "V6"})
+    assert subnets.prefixes == {"10.1.0.0/16": "Branch", "2001:db8::/32": "V6"}  # canonical prefix text
+    assert len(subnets.skipped) == 5
+    assert any("10.1.2.3/24" in why and "host bits" in why for why in subnets.skipped)
+    assert any("'10.1.0.0' is not a prefix" in why for why in subnets.skipped)
+    assert subnets.site_of("10.1.2.3") == "Branch" and subnets == Subnets({"10.1.0.0/16": "Branch",
+                                                                            "2001:db8::/32": "V6"})
+
+
+def test_peer_address_of_grpc_peer_strings() -> None:
+    assert peer_address("ipv4:10.1.2.3:4567") == "10.1.2.3"
+    assert peer_address("ipv6:[2001:db8::5]:4567") == "2001:db8::5"
+    assert peer_address("ipv6:%5B2001:db8::5%5D:4567") == "2001:db8::5"
+    assert peer_address("ipv6:[fe80::1%eth0]:4567") == "fe80::1"
+    assert peer_address("ipv6:[::ffff:10.1.2.3]:4567") == "::ffff:10.1.2.3"
+    assert peer_address("unix:/run/policyagent.sock") == "" and peer_address("") == ""
+
+
+def test_sites_follow_addresses_and_only_moved_computers_are_written() -> None:
+    subnets = Subnets({"10.1.0.0/16": "Branch", "10.1.2.0/24": "Lab"})
+    read = directory(sites=[Site("Branch"), Site("Lab")], links=[GpoLink(G1, Scope.site("Lab"), 1)])
+    addresses = {"web1": "10.1.2.3", "db1": "192.0.2.1"}
+    placed_read = with_sites(read, subnets, lambda name: addresses.get(name, ""))
+    assert {c.name: c.site for c in placed_read.computers.values()} == {"web1": "Lab", "db1": ""}
+    plan = plan_sync(placed_read, frozenset(), Topology())
+    registry = with_revisions(plan.owned)
+    assert plan_sync(with_sites(read, subnets, lambda name: addresses.get(name, "")), keys_of(plan.owned),
+                     registry).mutations == ()
+    addresses.update(web1="10.1.9.9", db1="10.1.2.7")
+    moved = plan_sync(with_sites(read, subnets, lambda name: addresses.get(name, "")), keys_of(plan.owned), registry)
+    assert sorted((m.obj.name, m.obj.site) for m in moved.mutations if isinstance(m, PutObject)
+                  and isinstance(m.obj, Computer)) == [("db1", "Lab"), ("web1", "Branch")]
+    assert len(moved.mutations) == 2
+    # No subnets: no site, and no address is asked for.
+    asked: list[str] = []
+    assert all(not c.site for c in with_sites(placed_read, Subnets(), lambda n: asked.append(n) or "").computers.values())
+    assert asked == []
+    # A subnet naming a site the directory read does not have places no one there.
+    lost = plan_sync(with_sites(read, Subnets({"10.0.0.0/8": "Gone"}), lambda _n: "10.1.2.3"), frozenset(), Topology())
+    assert all(c.site == "" for c in lost.owned.computers.values())

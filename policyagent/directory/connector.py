@@ -12,7 +12,10 @@ What is read (paged searches, RFC 2696, throughout — AD and the test slapd cap
   domain = the DNS suffix of dNSHostName (else the base DN's DC= components); ou = the parent DN when the
   parent is an OU (else "" — e.g. CN=Computers); groups from memberOf and from the groups' member lists.
 * OUs (objectClass=organizationalUnit): canonical DN, block inheritance = gPOptions bit 1, description.
-* sites (objectClass=site) under `sites_base` (AD: CN=Sites,CN=Configuration,...) when given.
+* sites (objectClass=site) under `sites_base` (AD: CN=Sites,CN=Configuration,...) when given, and
+  (`read_subnets`) the subnet objects under `CN=Subnets,<sites_base>`: cn = the prefix ("10.1.0.0/16",
+  "2001:db8:1::/48"), siteObject = the DN of its site. A computer's site is not stored on the computer:
+  the sync decides it from the address its agent connects from (policyagent.directory.sync.Subnets).
 * groups (objectClass=group or groupOfNames): name = sAMAccountName, else cn.
 * GPOs (groupPolicyContainer under CN=Policies,CN=System,<base>): id = the GUID of cn in the project's
   "{UPPER-CASE}" form, name = displayName (else the GUID), enabled = computer settings not disabled
@@ -41,6 +44,7 @@ of the DC you stay bound to — USNs are per DC).
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import re
 import ssl
@@ -477,6 +481,57 @@ def read_topology(
 
     topology.links.extend(sorted(links, key=lambda lk: (lk.scope.casefold(), lk.order)))
     return topology
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_subnet(text: str) -> Network:
+    """The network a subnet object's cn names: ADDRESS/LENGTH, IPv4 or IPv6, no host bits set (as AD
+    itself refuses them). ValueError saying what is wrong otherwise."""
+    value = text.strip()
+    if "/" not in value:
+        raise ValueError(f"{value!r} is not a prefix (ADDRESS/LENGTH)")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a subnet prefix: {exc}") from None
+
+
+def read_subnets(conn: Any, sites_base: str, *, page_size: int = 500) -> dict[str, str]:
+    """Subnet prefix (ipaddress' canonical text) → the name of its site (the cn of the siteObject DN), from the
+    subnet objects under `CN=Subnets,<sites_base>` (paged; none when that container is missing).
+
+    A cn that is no prefix, a siteObject that is no DN, or a second object with the same prefix (taken in DN
+    order) is skipped with a warning naming the DN; a subnet with no siteObject decides no site and is left out.
+    """
+    found = sorted(
+        _paged(conn, f"CN=Subnets,{sites_base}", "(objectClass=subnet)", ["cn", "siteObject"], page_size=page_size),
+        key=lambda item: _dn_key(item[0]),
+    )
+    out: dict[str, str] = {}
+    for dn, attrs in found:
+        try:
+            network = parse_subnet(_first(attrs, "cn"))
+        except ValueError as exc:
+            log.warning("skipping the subnet %s: %s", dn, exc)
+            continue
+        site_dn = _first(attrs, "siteObject").strip()
+        if not site_dn:
+            continue
+        try:
+            site = _rdns(site_dn)[0][1].strip()
+        except (LDAPInvalidDnError, IndexError):
+            site = ""
+        if not site:
+            log.warning("skipping the subnet %s: its siteObject %r is not a site's DN", dn, site_dn)
+            continue
+        key = str(network)
+        if key in out:
+            log.warning("skipping the subnet %s: another subnet object already has the prefix %s", dn, key)
+            continue
+        out[key] = site
+    return out
 
 
 # ------------------------------------------------------------------ change detection

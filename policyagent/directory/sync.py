@@ -7,7 +7,7 @@ thread:
     marker, read = sync.read_directory(full)          # LDAP thread; read None = nothing changed
     if read is a ComputerChanges (an incremental read):
         outcome = sync.apply_changes(read)            # store thread: diff the changed computers, one write
-    else (a full read, an assign_pb.Topology):
+    else (a full read, a FullRead: topology and subnets):
         missing = sync.missing_policies(read)         # store thread: GPO policies the store lacks
         fetched = sync.fetch_policies(missing)        # LDAP thread: [MS-GPIPSEC] read of those
         outcome = sync.apply(read, fetched)           # store thread: import, diff, one write, persist
@@ -51,6 +51,14 @@ change is seen at the next full read, as on AD. The last full read's problems st
 but for the computers re-read. `reads` / `last_read_kind` (DirectoryStatus.last_read_kind) say which
 path ran.
 
+**Sites** (`Subnets`, `with_sites`, `apply_addresses`): a computer's site is the site of the longest subnet
+prefix containing the address its agent connects from (AD's subnet objects, read with the topology by
+`connector.read_subnets`; no address or no match = no site). The address comes from an injected
+`address_of(name)` (the server: the hub's fleet records), asked on the store thread. A full read places every
+computer, an incremental one the re-read computers (the last full read's subnets); `apply_addresses` re-places
+computers whose agents connected from a new address without reading the directory. Only computers whose
+site changed are written.
+
 **Policies** go through the same LDAP thread (`publish`, `assign`, `read_for_import`, `republish`: the
 [MS-GPIPSEC] library policyagent.directory.adstore), writes over a second, writable connection so that the
 sync's own connection stays read-only.
@@ -60,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -87,8 +96,10 @@ from policyagent.directory.connector import (
     dn_within,
     domain_of,
     find_computers,
+    parse_subnet,
     read_computers,
     read_group,
+    read_subnets,
     read_topology,
     usn_changed_dns,
 )
@@ -348,6 +359,95 @@ def created_after(kind: ChangeMarkerKind, marker: str, created: str) -> bool:
         second = marker[:14]
         return len(created) == 14 and len(second) == 14 and second.isdigit() and created > second
     return False
+
+
+# ------------------------------------------------------------------ sites from subnets (pure)
+
+
+@dataclass(frozen=True)
+class Subnets:
+    """The directory's subnets as a longest-prefix-match table: a computer's site is the site of the longest
+    subnet prefix its address falls in, none when none matches — as Active Directory decides it (subnet
+    objects, [MS-ADTS]; DsGetSiteName / DsAddressToSiteNames): the site is not stored on the computer.
+
+    `prefixes` maps a prefix ("10.1.0.0/16", "2001:db8::/32") to a site name; entries that are no prefix
+    (see connector.parse_subnet) or name no site are left out (`skipped` names them). An IPv4-mapped IPv6
+    address (a dual-stack listener's view of an IPv4 client) matches as the IPv4 address it carries.
+    A lookup costs one dict probe per distinct prefix length, not a pass over the subnets.
+    """
+
+    prefixes: Mapping[str, str] = field(default_factory=dict)
+    skipped: tuple[str, ...] = field(default=(), init=False, compare=False)
+    # version → ((prefix length, netmask, network int → site), ...), longest first
+    _tables: Mapping[int, tuple[tuple[int, int, Mapping[int, str]], ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        kept: dict[str, str] = {}
+        skipped: list[str] = []
+        by_length: dict[tuple[int, int], dict[int, str]] = {}
+        for text, site in self.prefixes.items():
+            try:
+                network = parse_subnet(text)
+            except ValueError as exc:
+                skipped.append(str(exc))
+                continue
+            if not site.strip():
+                skipped.append(f"{text!r} names no site")
+                continue
+            networks = by_length.setdefault((network.version, network.prefixlen), {})
+            networks.setdefault(int(network.network_address), site.strip())
+            kept.setdefault(str(network), site.strip())
+        tables: dict[int, tuple[tuple[int, int, Mapping[int, str]], ...]] = {}
+        for version, bits in ((4, 32), (6, 128)):
+            lengths = sorted((length for v, length in by_length if v == version), reverse=True)
+            tables[version] = tuple(
+                (length, ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1), by_length[(version, length)])
+                for length in lengths
+            )
+        object.__setattr__(self, "prefixes", kept)
+        object.__setattr__(self, "skipped", tuple(skipped))
+        object.__setattr__(self, "_tables", tables)
+
+    def __bool__(self) -> bool:
+        return bool(self.prefixes)
+
+    def site_of(self, address: str) -> str:
+        """The site of the longest prefix `address` (an IP address as text) is in; "" for none or no address."""
+        if not address or not self.prefixes:
+            return ""
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return ""
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        value = int(ip)
+        for _length, mask, networks in self._tables.get(ip.version, ()):
+            site = networks.get(value & mask)
+            if site is not None:
+                return site
+        return ""
+
+
+AddressOf = Callable[[str], str]  # computer name → the IP address its agent last connected from ("" unknown)
+
+
+def placed(computer: Computer, subnets: Subnets, address_of: AddressOf) -> Computer:
+    """The computer with the site its agent's address is in (no subnets: no site; address_of is not asked)."""
+    site = subnets.site_of(address_of(computer.name)) if subnets else ""
+    return computer if site == computer.site else dataclasses.replace(computer, site=site)
+
+
+def with_sites(directory: Topology, subnets: Subnets, address_of: AddressOf) -> Topology:
+    """A directory read with each computer's site decided by its address (plan_sync then writes only the
+    computers whose site differs from the registry's)."""
+    if not subnets and not any(c.site for c in directory.computers.values()):
+        return directory
+    return dataclasses.replace(
+        directory, computers={k: placed(c, subnets, address_of) for k, c in directory.computers.items()}
+    )
 
 
 # ------------------------------------------------------------------ the plan (pure)
@@ -824,6 +924,15 @@ class Fetched:
 
 
 @dataclass(frozen=True)
+class FullRead:
+    """A full read: the topology (connector.read_topology) and the subnets (connector.read_subnets: prefix →
+    site name; empty without a sites base)."""
+
+    topology: assign_pb.Topology
+    subnets: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ComputerChanges:
     """An incremental read: the computers the directory changed, mapped as a full read maps them (OU decided
     against the owned snapshot); everything else is as the owned snapshot has it."""
@@ -853,6 +962,7 @@ class DirectorySync:
         *,
         read_policies: Callable[[Any, str, list[str]], pb.StoreContents] = read_directory_policies,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        address_of: AddressOf = lambda _name: "",
     ) -> None:
         self.settings = settings
         self.path = data_dir / OWNED_FILE
@@ -872,6 +982,10 @@ class DirectorySync:
         self.reads: dict[ReadKind, int] = {"full": 0, "incremental": 0}
         self.last_read_kind: ReadKind | Literal[""] = ""
         self.problems: tuple[str, ...] = ()  # of the last apply (an incremental one keeps the full read's)
+        # Where a computer's agent last connected from (store thread; the server asks its fleet records), and
+        # the subnets of the last full read applied by this process (None: none yet — sites are left alone).
+        self._address_of = address_of
+        self.subnets: Subnets | None = None
 
     @property
     def policy_store(self) -> PolicyStore:
@@ -935,9 +1049,10 @@ class DirectorySync:
     def secrets(self) -> tuple[str, ...]:
         return (self._password,) if self._password else ()
 
-    def read_directory(self, full: bool = False) -> tuple[str, assign_pb.Topology | ComputerChanges | None]:
-        """(the current change marker, what changed since the applied marker): a full read, the changed
-        computers (ComputerChanges: an incremental read, see _incremental), or None when nothing changed.
+    def read_directory(self, full: bool = False) -> tuple[str, FullRead | ComputerChanges | None]:
+        """(the current change marker, what changed since the applied marker): a full read (the topology and,
+        with a sites base, the subnets), the changed computers (ComputerChanges: an incremental read, see
+        _incremental), or None when nothing changed.
 
         Raises DirectoryError / ldap3 errors / OSError; the connection is dropped first, so the
         next call reconnects.
@@ -958,9 +1073,11 @@ class DirectorySync:
                     if changes is not None:
                         self._read("incremental")
                         return marker, changes
-            topology = read_topology(conn, self.settings.base_dn, sites_base=self.settings.sites_base)
+            sites_base = self.settings.sites_base
+            topology = read_topology(conn, self.settings.base_dn, sites_base=sites_base)
+            subnets = read_subnets(conn, sites_base) if sites_base else {}
             self._read("full")
-            return marker, topology
+            return marker, FullRead(topology, subnets)
         except BaseException:
             self.disconnect()
             raise
@@ -1148,9 +1265,9 @@ class DirectorySync:
 
     # ------------------------------------------------------------ registry side (store thread)
 
-    def missing_policies(self, read: assign_pb.Topology) -> list[str]:
+    def missing_policies(self, read: FullRead) -> list[str]:
         """Policy ids the directory's GPOs assign that the policy store does not hold."""
-        wanted = sorted({g.policy_id for g in read.gpos if g.policy_id})
+        wanted = sorted({g.policy_id for g in read.topology.gpos if g.policy_id})
         return [p for p in wanted if self._policy_store.get(Kind.POLICY, p) is None]
 
     def _import(self, policy_id: str, contents: pb.StoreContents, gpo_names: str) -> str:
@@ -1167,10 +1284,14 @@ class DirectorySync:
             return str(exc)
         return ""
 
-    def apply(self, read: assign_pb.Topology, fetched: Fetched | None = None) -> ApplyOutcome:
-        """Import missing policies, diff the read against the registry, write once, persist the owned snapshot."""
+    def apply(self, read: FullRead, fetched: Fetched | None = None) -> ApplyOutcome:
+        """Import missing policies, place each computer in the site its agent's address is in, diff the read
+        against the registry, write once, persist the owned snapshot."""
         fetched = fetched or Fetched()
-        directory, problems = topology_from_proto(read)
+        directory, problems = topology_from_proto(read.topology)
+        subnets = Subnets(read.subnets)
+        problems += [f"skipped the subnet {why}" for why in subnets.skipped]
+        directory = with_sites(directory, subnets, self._address_of)
         if not directory.computers and not directory.ous and not directory.gpos and (
             self.state.topology.computers or self.state.topology.ous or self.state.topology.gpos
         ):
@@ -1210,33 +1331,70 @@ class DirectorySync:
         registry, _revision = self._topology_store.snapshot()
         plan = plan_sync(directory, self.owned, registry)
         outcome = self._commit(plan, keys_of(plan.owned), (*problems, *plan.problems))
+        self.subnets = subnets
         return outcome
+
+    def _placed(self, computer: Computer) -> Computer:
+        """The computer in the site its agent's address is in, by the last full read's subnets; before the
+        first one, in the site the owned snapshot has it in."""
+        if self.subnets is None:
+            known = self.state.topology.computer(computer.name)
+            site = known.site if known is not None else ""
+            return computer if site == computer.site else dataclasses.replace(computer, site=site)
+        return placed(computer, self.subnets, self._address_of)
 
     def apply_changes(self, changes: ComputerChanges) -> ApplyOutcome:
         """Apply an incremental read (store thread): diff only the changed computers against the registry,
         write once, persist the owned snapshot. The last full read's problems stay, but for these computers."""
-        plan, given_up = plan_computers(changes.computers, self.state.topology, self._topology_store.get_computer)
+        computers = [self._placed(c) for c in changes.computers]
+        plan, given_up = plan_computers(computers, self.state.topology, self._topology_store.get_computer)
         names = [f'computer "{c.name.strip()}"' for c in changes.computers]
         kept = tuple(p for p in self.problems if not any(n in p for n in names))
         new_keys = frozenset((COMPUTER, key_of(c.name)) for c in changes.computers) - given_up
         owned = (self.owned - given_up) | new_keys
         return self._commit(plan, owned, (*kept, *plan.problems))
 
-    def _commit(self, plan: SyncPlan, owned: frozenset[OwnedKey], problems: tuple[str, ...]) -> ApplyOutcome:
+    def apply_addresses(self, names: Iterable[str]) -> ApplyOutcome | None:
+        """Agents of these computers connected from a new address (store thread): re-decide the site of each
+        one the directory owns from the address it has now, and write those whose site moved (one write,
+        principal "directory"). None when no site moved, or before this process applied a full read (no
+        subnets known yet: that read places every computer). Reads nothing from the directory."""
+        subnets = self.subnets
+        if subnets is None:
+            return None
+        owned = self.state.topology
+        moved: list[Computer] = []
+        for name in sorted(set(names)):
+            current = owned.computer(name)
+            if current is not None and (new := placed(current, subnets, self._address_of)) is not current:
+                moved.append(new)
+        if not moved:
+            return None
+        plan, given_up = plan_computers(moved, owned, self._topology_store.get_computer)
+        problems = tuple(dict.fromkeys((*self.problems, *plan.problems)))
+        return self._commit(plan, self.owned - given_up, problems,
+                            context="the site of the address its agent connects from")
+
+    def _commit(
+        self, plan: SyncPlan, owned: frozenset[OwnedKey], problems: tuple[str, ...], *, context: str = ""
+    ) -> ApplyOutcome:
         """Write the plan's mutations and persist what the directory owns now (`owned`: plan.owned's keys).
 
         The snapshot is written once per applied change, before the registry write, holding what is owned
         before and after (a crash after the write must not leave directory objects in the registry that
         nobody owns); only when the write gives up owned objects is it written again after, without them.
         An unchanged read writes nothing (last_sync_unix_ms is saved at the next write or at shutdown).
+        With a `context` (not a directory read: a site that moved with its agent's address, apply_addresses)
+        the sync and change times stay as they are.
         """
-        now = self._clock_ms()
+        read = not context
+        now = self._clock_ms() if read else self.state.last_sync_unix_ms
         changed: frozenset[str] = frozenset()
         after = dataclasses.replace(
             self.state,
             topology=plan.owned,
             last_sync_unix_ms=now,
-            last_change_unix_ms=now if plan.mutations else self.state.last_change_unix_ms,
+            last_change_unix_ms=now if plan.mutations and read else self.state.last_change_unix_ms,
         )
         shrinks = not self.owned <= owned
         if plan.mutations:
@@ -1246,7 +1404,8 @@ class DirectorySync:
             self.save()
             try:
                 _result, changed = self._topology_store.write_and_report(
-                    list(plan.mutations), principal=PRINCIPAL, context=f"directory sync from {self.settings.url}"
+                    list(plan.mutations), principal=PRINCIPAL,
+                    context=context or f"directory sync from {self.settings.url}",
                 )
             except BaseException:
                 self.state = dataclasses.replace(self.state, last_sync_unix_ms=previous.last_sync_unix_ms,
@@ -1302,7 +1461,9 @@ __all__ = [
     "DirectorySettings",
     "DirectorySync",
     "Fetched",
+    "FullRead",
     "OwnedState",
+    "Subnets",
     "SyncPlan",
     "check_local_write",
     "created_after",
@@ -1313,4 +1474,5 @@ __all__ = [
     "safe_error",
     "same_topology",
     "save_owned",
+    "with_sites",
 ]

@@ -49,6 +49,7 @@ from policyagent.server.assignment import SERVICE_NAME as ASSIGNMENT_SERVICE
 from policyagent.server.assignment import AssignmentParts, add_assignment_to_server, open_assignment
 from policyagent.server.directory import SERVICE_NAME as DIRECTORY_SERVICE
 from policyagent.server.directory import DirectoryService, PublishingPolicyStore, add_directory_to_server
+from policyagent.server.fleet import peer_address
 from policyagent.server.hub import (
     AGENT_RELAY_SERVICE,
     DISTRIBUTION_SERVICE,
@@ -373,7 +374,8 @@ class PolicyServer:
             )
             if self._config.directory is not None:
                 sync = DirectorySync(
-                    self._config.directory, data_dir, self.assignment.topology_store, self.assignment.policy_store
+                    self._config.directory, data_dir, self.assignment.topology_store, self.assignment.policy_store,
+                    address_of=self._agent_address,
                 )
                 self.directory = DirectoryService(self._config.directory, sync, self._executor)
                 # Before serving: the directory's objects in the registry are protected from the start,
@@ -427,6 +429,7 @@ class PolicyServer:
                 hub = self.hub
                 self.directory.set_status_listener(hub.touch_status)
                 hub.directory_status = self.directory.status
+                hub.address_listener = self.directory.agent_address_changed
                 await self.directory.start()
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -439,6 +442,13 @@ class PolicyServer:
         self._enroll_address = self._enroll_listen.bound(enroll_port)
         _log.info("listening", extra={"address": self._address, "enrollment": self._enroll_address})
         return self._address
+
+    def _agent_address(self, computer: str) -> str:
+        """The IP address `computer`'s agent last connected from ("" unknown): the directory's sites follow it.
+        Called on the store thread: one dict lookup in the hub's fleet records (atomic under the GIL)."""
+        hub = self.hub
+        record = hub.registry.records.get(computer) if hub is not None else None
+        return peer_address(record.peer) if record is not None else ""
 
     def _topology_upsert(self) -> Callable[[str, Any, str], None] | None:
         """The topology registry's computer upsert, when the server has a registry (enrollment calls it)."""

@@ -13,6 +13,12 @@ Policies go the other way too: Publish / Assign write [MS-GPIPSEC] objects from 
 renders them as LDIF. With `--directory-publish`, a store write that changes policies, filter lists or
 filter actions republishes the affected policies the directory already holds, in the background: a
 failure is logged once and shown in the status, and never fails or delays the store write.
+
+Sites follow the agents: a directory computer's site is the site of the subnet its agent connects from
+(DirectorySync.apply places every computer at each full read). When an agent says Hello from another
+address than last time, the hub calls `agent_address_changed` (event loop); the names collect in a set
+that one task hands to `DirectorySync.apply_addresses` on the store thread — one registry write for a
+burst of connections, only for computers whose site moved, and never a directory read.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from policyagent.directory.sync import (
     DirectorySync,
     safe_error,
 )
-from policyagent.model.assignment import Gpo
+from policyagent.model.assignment import Gpo, key_of
 from policyagent.model.errors import (
     NotFoundError,
     PolicyError,
@@ -236,6 +242,10 @@ class DirectoryService:
         self.publish_failures: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._republishing: set[asyncio.Task[None]] = set()
+        # Computers whose agents connected from a new address, waiting for the store thread (agent_address_changed).
+        self._moved: set[str] = set()
+        self._moved_event = asyncio.Event()
+        self._placer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -247,9 +257,10 @@ class DirectoryService:
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._task = asyncio.create_task(self._run(), name="directory-sync")
+        self._placer = asyncio.create_task(self._place_moved(), name="directory-sites")
 
     async def stop(self) -> None:
-        tasks = [*self._republishing, *([self._task] if self._task is not None else [])]
+        tasks = [*self._republishing, *(t for t in (self._task, self._placer) if t is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -282,6 +293,40 @@ class DirectoryService:
             else:
                 self._backoff.reset()
                 delay = self.settings.interval_s
+
+    # ------------------------------------------------------------ sites from the agents' addresses
+
+    def agent_address_changed(self, computer: str, address: str) -> None:
+        """Hub callback (event loop): `computer`'s agent connected from another address than last time.
+        Its site is re-decided on the store thread, together with the others of the same burst; a computer
+        the directory does not own, or one before the first full read, is left to the next full read."""
+        if self.sync.subnets is None or key_of(computer) not in self.sync.state.topology.computers:
+            return
+        self._moved.add(computer)
+        self._moved_event.set()
+
+    async def _place_moved(self) -> None:
+        while True:
+            await self._moved_event.wait()
+            self._moved_event.clear()
+            names, self._moved = self._moved, set()
+            try:
+                outcome = await self._in_store(self.sync.apply_addresses, names)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next full read places them anyway
+                _log.warning(
+                    "could not move computers to the site of their agents' addresses",
+                    extra={"computers": len(names), "error": " ".join(str(exc).split())[:500]},
+                    exc_info=not isinstance(exc, PolicyError),
+                )
+                continue
+            if outcome is not None and outcome.mutations:
+                _log.info(
+                    "computers moved to the site of their agents' addresses",
+                    extra={"mutations": outcome.mutations, "changed_computers": len(outcome.changed_computers)},
+                )
+                self._on_status_change()
 
     # ------------------------------------------------------------ one sync
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import operator
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -154,6 +155,23 @@ class FleetRegistry:
     def close(self) -> None:
         self.flush()
         self._conn.close()
+
+
+def peer_address(peer: str) -> str:
+    """The IP address of a gRPC peer string ("ipv4:10.1.2.3:4567" → "10.1.2.3", "ipv6:[2001:db8::5]:4567"
+    or its URI-escaped form "ipv6:%5B2001:db8::5%5D:4567" → "2001:db8::5", a zone id dropped); "" for a
+    unix socket or anything else. Only text: the caller parses it (the directory's subnet match)."""
+    scheme, sep, rest = peer.partition(":")
+    if not sep:
+        return ""
+    rest = urllib.parse.unquote(rest)
+    if scheme == "ipv4":
+        return rest.rpartition(":")[0] if ":" in rest else rest
+    if scheme == "ipv6":
+        if rest.startswith("["):
+            rest = rest[1:].partition("]")[0]
+        return rest.partition("%")[0]
+    return ""
 
 
 def agent_state(

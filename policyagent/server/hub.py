@@ -65,6 +65,7 @@ from policyagent.server.fleet import (
     capabilities_bytes,
     fleet_statistics,
     fleet_status,
+    peer_address,
 )
 
 _log = logging.getLogger("policyagent.server.hub")
@@ -255,6 +256,9 @@ class Hub:
         self._relay_ids = itertools.count(1)
         # The directory sync's state for FleetStatus.directory (None: no directory, "not configured").
         self.directory_status: Callable[[], directory_pb.DirectoryStatus] | None = None
+        # Told (computer, IP address) when an agent's Hello comes from another address than its record's last
+        # one (the directory's sites follow the address); not on a reconnect from the same address.
+        self.address_listener: Callable[[str, str], None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -466,7 +470,7 @@ class Hub:
         record = self.registry.get(conn.computer)
         record.online = True
         record.connected_since_unix_ms = now
-        record.peer = conn.peer
+        previous, record.peer = record.peer, conn.peer
         self._record_hello(record, hello, now)
         generation = self._next_generation()
         try:
@@ -479,6 +483,11 @@ class Hub:
         conn.relay = RELAY_FEATURE in hello.protocol_features
         conn.ready = True
         self._push(conn, encoded, generation, confirm=encoded[0] == hello.applied_version)
+        if self.address_listener is not None and (address := peer_address(conn.peer)) != peer_address(previous):
+            try:
+                self.address_listener(conn.computer, address)
+            except Exception:  # the agent's stream must not fail for it; the next full read places it
+                _log.exception("address listener failed", extra={"computer": conn.computer})
         _log.info(
             "agent connected",
             extra={
