@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import select
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +22,11 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from conftest import RPC_TIMEOUT_S, START_TIMEOUT_S, admin_channel, seed_pki, start_server_process
+from dirkit import run_cli, running_agent
 from slapd import Slapd, slapd_unavailable, start_slapd
 
-from policyagent.cli import main as cli_main
 from policyagent.directory.sync import OWNED_FILE, DirectorySettings
 from policyagent.pb import (
-    agent_grpc,
-    agent_pb,
     assign_grpc,
     assign_pb,
     directory_grpc,
@@ -249,13 +242,6 @@ def in_sync(server: DirServer) -> directory_pb.DirectoryStatus:
     status = server.status()
     assert status.state == directory_pb.DIRECTORY_STATE_IN_SYNC, status
     return status
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def refused(call: Callable[[], Any]) -> str:
@@ -739,58 +725,6 @@ def test_server_without_directory_says_not_configured(inproc_server: Callable[..
 
 
 # ---------------------------------------------------------------------------- acceptance: a real agent
-
-
-@contextlib.contextmanager
-def running_agent(
-    address: str, enroll_address: str, data_dir: Path, computer: str, domain: str, tmp_path: Path
-) -> Iterator[Callable[[str], Callable[[], bool]]]:
-    """A `policyagent agent` process for `computer` (a domain member by join token, record-only enforcer);
-    yields runs(POLICY_NAME): a check that the agent is in sync and runs that policy."""
-    code, token, err = run_cli(
-        "join-token", "create", computer, "--ttl", "10m", "--data-dir", str(data_dir), "--domain", domain)
-    assert code == 0, err
-    state = tmp_path / f"agent-{computer}"
-    log = tmp_path / f"agent-{computer}.stderr"
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "policyagent.cli", "agent", "--server", address, "--state-dir", str(state),
-         "--backoff-max", "0.5", "--enforcer", "record-only", "--enroll-server", enroll_address,
-         "--ca-file", str(data_dir / "pki" / "ca.crt"), "--computer", computer, "--enroll-token", token.strip()],
-        stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-    )
-    channel: grpc.Channel | None = None
-    try:
-        assert agent.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([agent.stdout], [], [], 0.1)
-            if ready and agent.stdout.readline().startswith("agent socket "):
-                break
-            assert agent.poll() is None, log.read_text()
-        channel = grpc.insecure_channel(f"unix:{state / 'agent.sock'}")
-        local = agent_grpc.AgentLocalStub(channel)
-
-        def runs(policy: str) -> Callable[[], bool]:
-            def check() -> bool:
-                status = local.GetStatus(agent_pb.LocalStatusRequest(), timeout=RPC_TIMEOUT_S)
-                assert status.policy_name == policy and status.connection == "in sync", status.summary
-                return True
-
-            return check
-
-        yield runs
-    finally:
-        if channel is not None:
-            channel.close()
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait(timeout=15)
-        if agent.stdout is not None:
-            agent.stdout.close()
 
 
 def test_agent_follows_its_computer_moved_in_the_directory(ldap: Slapd, tmp_path: Path) -> None:
