@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import RPC_TIMEOUT_S, admin_channel
+from dirkit import DirServer, in_sync, run_cli, wait_until
 from slapd import Slapd, slapd_unavailable, start_slapd
 from test_directory_sync import (
     GPO_DB,
@@ -30,12 +31,8 @@ from test_directory_sync import (
     RESPOND,
     SECURE,
     SUFFIX,
-    DirServer,
     build_domain,
-    in_sync,
-    run_cli,
     settings_for,
-    wait_until,
 )
 
 from policyagent.cli import main as cli_main
@@ -480,7 +477,7 @@ def test_directory_publish_keeps_the_directory_copy_current(
     assert status.state == directory_pb.DIRECTORY_STATE_IN_SYNC  # the sync itself is fine
     assert directory_copy(SECURE).isakmp.ike_version == 0
     assert next(p for p in store_contents(server.channel).policies if p.id == SECURE).isakmp.ike_version == 2
-    server._run(server.server.directory.republished())
+    server.run(server.server.directory.republished())
     warnings = [r for r in caplog.records if r.getMessage() == "the directory's copy of a policy could not be updated"]
     assert len(warnings) == 1, warnings
     assert all(ldap.password not in r.getMessage() for r in caplog.records)

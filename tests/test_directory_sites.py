@@ -11,24 +11,20 @@ set directly in one test, from a real `policyagent agent` connecting over 127.0.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import pytest
-from conftest import RPC_TIMEOUT_S, START_TIMEOUT_S, admin_channel, seed_pki
-from dirkit import running_agent
+from conftest import RPC_TIMEOUT_S
+from dirkit import DirServer, in_sync, running_agent, wait_until
 from slapd import Slapd, slapd_unavailable, start_slapd
 
 from policyagent.directory.sync import DirectorySettings
-from policyagent.pb import assign_grpc, assign_pb, directory_grpc, directory_pb
-from policyagent.server.app import PolicyServer, ServerConfig
+from policyagent.pb import assign_pb
 
 _why = slapd_unavailable()
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
@@ -158,90 +154,6 @@ def settings_for(ldap: Slapd, tmp_path: Path, **overrides: Any) -> DirectorySett
 # ---------------------------------------------------------------------------- the server, in process
 
 
-class DirServer:
-    """PolicyServer with a directory on an event loop in a background thread."""
-
-    def __init__(self, data_dir: Path, settings: DirectorySettings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="dir-server", daemon=True)
-        self._thread.start()
-        seed_pki(data_dir)
-        self.data_dir = data_dir
-        self.server = PolicyServer(ServerConfig(data_dir=data_dir, listen="127.0.0.1:0", directory=settings))
-        self.address = self.run(self.server.start())
-        self.channel = admin_channel(self.address)
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(START_TIMEOUT_S)
-
-    def on_loop(self, fn: Callable[[], T]) -> T:
-        async def call() -> T:
-            return fn()
-
-        result: T = self.run(call())
-        return result
-
-    @property
-    def service(self) -> Any:
-        assert self.server.directory is not None
-        return self.server.directory
-
-    @property
-    def assignment(self) -> assign_grpc.AssignmentAdminStub:
-        return assign_grpc.AssignmentAdminStub(self.channel)
-
-    def status(self) -> directory_pb.DirectoryStatus:
-        return directory_grpc.DirectoryAdminStub(self.channel).GetStatus(
-            directory_pb.DirectoryStatusRequest(), timeout=RPC_TIMEOUT_S)
-
-    def sync(self) -> directory_pb.DirectorySyncResponse:
-        return directory_grpc.DirectoryAdminStub(self.channel).Sync(
-            directory_pb.DirectorySyncRequest(), timeout=RPC_TIMEOUT_S)
-
-    def check(self) -> tuple[str, directory_pb.DirectorySyncResponse]:
-        """One check as the interval runs it: how the directory was read ("" = not at all) and the response."""
-        before = dict(self.service.sync.reads)
-        response = self.run(self.service.sync_now(full=False))
-        kinds = [kind for kind, count in self.service.sync.reads.items() if count > before[kind]]
-        return (kinds[0] if kinds else ""), response
-
-    def sites(self) -> dict[str, str]:
-        topology = self.assignment.GetTopology(assign_pb.GetTopologyRequest(), timeout=RPC_TIMEOUT_S)
-        return {c.name: c.site for c in topology.computers}
-
-    def rsop(self, computer: str) -> assign_pb.Rsop:
-        return self.assignment.GetRsop(assign_pb.RsopRequest(computer=computer), timeout=RPC_TIMEOUT_S)
-
-    def changes_after(self, seq: int) -> list[assign_pb.TopologyChange]:
-        request = assign_pb.ListTopologyChangesRequest(after_seq=seq)
-        return list(self.assignment.ListTopologyChanges(request, timeout=RPC_TIMEOUT_S).changes)
-
-    def last_seq(self) -> int:
-        changes = self.changes_after(0)
-        return changes[-1].seq if changes else 0
-
-    def set_peer(self, computer: str, peer: str) -> None:
-        """The hub's fleet record of `computer` says its agent connected from `peer` (as after a Hello)."""
-        hub = self.server.hub
-        assert hub is not None
-
-        def put() -> None:
-            hub.registry.get(computer).peer = peer
-
-        self.on_loop(put)
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.channel.close()
-        try:
-            self.run(self.server.stop(grace=0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=START_TIMEOUT_S)
-            self.loop.close()
-
-
 @pytest.fixture
 def dir_server(tmp_path: Path) -> Iterator[Callable[..., DirServer]]:
     started: list[DirServer] = []
@@ -257,27 +169,10 @@ def dir_server(tmp_path: Path) -> Iterator[Callable[..., DirServer]]:
             server.close()
 
 
-def wait_until(check: Callable[[], T], what: str, timeout: float = WAIT_S) -> T:
-    """check() until it returns a truthy value without raising AssertionError; the last failure otherwise."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-            last = repr(result)
-        except AssertionError as exc:
-            last = str(exc)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {last}")
-        time.sleep(0.05)
 
 
-def in_sync(server: DirServer) -> directory_pb.DirectoryStatus:
-    status = server.status()
-    assert status.state == directory_pb.DIRECTORY_STATE_IN_SYNC, status
-    return status
+
+
 
 
 # ---------------------------------------------------------------------------- tests

@@ -10,10 +10,8 @@ subprocess with a real agent for the acceptance test. Everything waits with dead
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +19,8 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from conftest import RPC_TIMEOUT_S, START_TIMEOUT_S, admin_channel, seed_pki, start_server_process
-from dirkit import run_cli, running_agent
+from conftest import RPC_TIMEOUT_S, admin_channel, start_server_process
+from dirkit import DirServer, in_sync, run_cli, running_agent, wait_until
 from slapd import Slapd, slapd_unavailable, start_slapd
 
 from policyagent.directory.sync import OWNED_FILE, DirectorySettings
@@ -34,7 +32,6 @@ from policyagent.pb import (
     fleet_grpc,
     fleet_pb,
 )
-from policyagent.server.app import PolicyServer, ServerConfig
 
 _why = slapd_unavailable()
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
@@ -146,66 +143,6 @@ def settings_for(ldap: Slapd, tmp_path: Path, **overrides: Any) -> DirectorySett
 # ---------------------------------------------------------------------------- the server, in process
 
 
-class DirServer:
-    """PolicyServer with a directory on an event loop in a background thread."""
-
-    def __init__(self, data_dir: Path, settings: DirectorySettings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="dir-server", daemon=True)
-        self._thread.start()
-        seed_pki(data_dir)
-        self.data_dir = data_dir
-        self.server = PolicyServer(ServerConfig(data_dir=data_dir, listen="127.0.0.1:0", directory=settings))
-        self.address = self._run(self.server.start())
-        self.channel = admin_channel(self.address)
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(START_TIMEOUT_S)
-
-    @property
-    def assignment(self) -> assign_grpc.AssignmentAdminStub:
-        return assign_grpc.AssignmentAdminStub(self.channel)
-
-    @property
-    def directory(self) -> directory_grpc.DirectoryAdminStub:
-        return directory_grpc.DirectoryAdminStub(self.channel)
-
-    def status(self) -> directory_pb.DirectoryStatus:
-        return self.directory.GetStatus(directory_pb.DirectoryStatusRequest(), timeout=RPC_TIMEOUT_S)
-
-    def fleet(self) -> fleet_pb.FleetStatus:
-        return fleet_grpc.FleetStub(self.channel).Status(fleet_pb.FleetStatusRequest(), timeout=RPC_TIMEOUT_S)
-
-    def topology(self) -> assign_pb.Topology:
-        return self.assignment.GetTopology(assign_pb.GetTopologyRequest(), timeout=RPC_TIMEOUT_S)
-
-    def policy_of(self, computer: str) -> str:
-        return self.assignment.GetRsop(assign_pb.RsopRequest(computer=computer), timeout=RPC_TIMEOUT_S).policy_id
-
-    def apply(self, *mutations: assign_pb.TopologyMutation) -> assign_pb.TopologyApplyResponse:
-        request = assign_pb.TopologyApplyRequest(mutations=list(mutations), operation="test")
-        return self.assignment.Apply(request, timeout=RPC_TIMEOUT_S)
-
-    def changes_after(self, seq: int) -> list[assign_pb.TopologyChange]:
-        request = assign_pb.ListTopologyChangesRequest(after_seq=seq)
-        return list(self.assignment.ListTopologyChanges(request, timeout=RPC_TIMEOUT_S).changes)
-
-    def last_seq(self) -> int:
-        changes = self.changes_after(0)
-        return changes[-1].seq if changes else 0
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.channel.close()
-        try:
-            self._run(self.server.stop(grace=0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=START_TIMEOUT_S)
-            self.loop.close()
-
-
 @pytest.fixture
 def dir_server(tmp_path: Path) -> Iterator[Callable[..., DirServer]]:
     started: list[DirServer] = []
@@ -221,27 +158,10 @@ def dir_server(tmp_path: Path) -> Iterator[Callable[..., DirServer]]:
             server.close()
 
 
-def wait_until(check: Callable[[], T], what: str, timeout: float = WAIT_S) -> T:
-    """check() until it returns a truthy value without raising AssertionError; the last failure otherwise."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-            last = repr(result)
-        except AssertionError as exc:
-            last = str(exc)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {last}")
-        time.sleep(0.05)
 
 
-def in_sync(server: DirServer) -> directory_pb.DirectoryStatus:
-    status = server.status()
-    assert status.state == directory_pb.DIRECTORY_STATE_IN_SYNC, status
-    return status
+
+
 
 
 def refused(call: Callable[[], Any]) -> str:
@@ -502,7 +422,7 @@ def checked_by_hand(ldap: Slapd, tmp_path: Path, dir_server: Callable[..., DirSe
 def check(server: DirServer, service: Any) -> tuple[str, directory_pb.DirectorySyncResponse]:
     """One check (as the interval runs it): how the directory was read ("" = not at all) and the response."""
     before = dict(service.sync.reads)
-    response = server._run(service.sync_now(full=False))
+    response = server.run(service.sync_now(full=False))
     kinds = [kind for kind, count in service.sync.reads.items() if count > before[kind]]
     assert len(kinds) <= 1, service.sync.reads
     if kinds:
