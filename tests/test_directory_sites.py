@@ -15,7 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -32,7 +32,6 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 if _why is None:
     import ldap3
 
-T = TypeVar("T")
 
 SUFFIX = "DC=example,DC=test"
 DOMAIN = "example.test"
@@ -47,7 +46,6 @@ GPO_LOOPBACK = "{7B4EBC32-3D4E-4F50-A162-C3D4E5F60718}"
 SECURE = "{7238523C-70FA-11D1-864C-14A300000000}"  # Secure Server (Require Security)
 REQUEST = "{72385230-70FA-11D1-864C-14A300000000}"  # Server (Request Security)
 RESPOND = "{72385236-70FA-11D1-864C-14A300000000}"  # Client (Respond Only)
-WAIT_S = 15.0
 
 # AD's site and subnet classes (their AD OIDs), with the attributes the sync reads: gPLink/gPOptions
 # (tests/ldap/ipsec.schema), siteObject (msuser.schema).

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -39,7 +39,6 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 if _why is None:
     import ldap3
 
-T = TypeVar("T")
 
 SUFFIX = "DC=example,DC=test"
 DOMAIN = "example.test"
@@ -54,7 +53,6 @@ SECURE = "{7238523C-70FA-11D1-864C-14A300000000}"  # Secure Server (Require Secu
 REQUEST = "{72385230-70FA-11D1-864C-14A300000000}"  # Server (Request Security)
 RESPOND = "{72385236-70FA-11D1-864C-14A300000000}"  # Client (Respond Only)
 INTERVAL_S = 0.5
-WAIT_S = 15.0
 
 
 # ---------------------------------------------------------------------------- the directory

@@ -462,6 +462,22 @@ class SyncPlan:
     problems: tuple[str, ...]
 
 
+_Named = TypeVar("_Named", Site, Group)
+
+
+def _named(objects: Mapping[str, _Named], kind: str, problems: list[str]) -> dict[str, _Named]:
+    """The sites or groups whose names the registry accepts; the others skipped with a problem."""
+    out: dict[str, _Named] = {}
+    for key, obj in objects.items():
+        try:
+            check_name(obj.name, kind, path=f'{kind} "{obj.name}"')
+        except ValidationError as exc:
+            problems.append(f"skipped {exc}")
+            continue
+        out[key] = obj
+    return out
+
+
 def _sanitize(directory: Topology, registry: Topology, owned: frozenset[OwnedKey]) -> tuple[Topology, list[str]]:
     """The directory's objects the registry can take, references resolved; the rest named in problems."""
     problems: list[str] = []
@@ -473,22 +489,8 @@ def _sanitize(directory: Topology, registry: Topology, owned: frozenset[OwnedKey
             problems.append(f'skipped OU "{ou.dn}": its parent OU is not in the directory read')
             continue
         ous[key] = ou
-    sites: dict[str, Site] = {}
-    for key, site in directory.sites.items():
-        try:
-            check_name(site.name, "site", path=f'site "{site.name}"')
-        except ValidationError as exc:
-            problems.append(f"skipped {exc}")
-            continue
-        sites[key] = site
-    groups: dict[str, Group] = {}
-    for key, group in directory.groups.items():
-        try:
-            check_name(group.name, "group", path=f'group "{group.name}"')
-        except ValidationError as exc:
-            problems.append(f"skipped {exc}")
-            continue
-        groups[key] = group
+    sites = _named(directory.sites, "site", problems)
+    groups = _named(directory.groups, "group", problems)
     gpos: dict[str, Gpo] = {}
     taken = {key_of(g.name): g.id for g in registry.gpos.values() if (GPO, g.id) not in owned}
     for gpo_id in sorted(directory.gpos):
