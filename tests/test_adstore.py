@@ -29,14 +29,14 @@ class ByDn(dict[str, a.Entry]):
     """Entries by DN, looked up case-insensitively (slapd returns "cn=..." for "CN=...")."""
 
     def __getitem__(self, dn: str) -> a.Entry:
-        return super().__getitem__(a._dn_key(dn))
+        return super().__getitem__(a.dn_key(dn))
 
     def __contains__(self, dn: object) -> bool:
-        return super().__contains__(a._dn_key(str(dn)))
+        return super().__contains__(a.dn_key(str(dn)))
 
 
 def by_dn(entries: list[a.Entry]) -> ByDn:
-    return ByDn({a._dn_key(e.dn): e for e in entries})
+    return ByDn({a.dn_key(e.dn): e for e in entries})
 
 
 def data(e: a.Entry) -> bytes:
@@ -46,7 +46,7 @@ def data(e: a.Entry) -> bytes:
 
 
 def keys(dns: Any) -> list[str]:
-    return [a._dn_key(str(d)) for d in dns]
+    return [a.dn_key(str(d)) for d in dns]
 
 
 def dn(cls: str, guid: str) -> str:
@@ -566,7 +566,7 @@ def test_republish_after_deleting_a_rule_removes_exactly_that_nfa(conn: Any) -> 
     removed = dn("ipsecNFA", icmp_rule.id)
     assert keys(result.deleted) == keys([removed]) and not result.added
     assert _dns(conn) == before - {removed.lower()}
-    assert a._dn_key(dn("ipsecPolicy", SERVER)) in keys(result.modified)
+    assert a.dn_key(dn("ipsecPolicy", SERVER)) in keys(result.modified)
     d = by_dn(a.read_entries(conn, BASE))
     # the shared ICMP filter list and the Permit action stay, owned only by Secure Server's ICMP rule
     secure_icmp = dn("ipsecNFA", "{594272FD-071D-11D3-AD22-0060B0ECCA17}")

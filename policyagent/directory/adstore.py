@@ -50,7 +50,7 @@ from typing import Any, Literal, TypeVar
 from google.protobuf.message import Message
 
 from policyagent.directory import gpipsec as g
-from policyagent.directory.connector import DirectoryError, normalize_guid
+from policyagent.directory.connector import DirectoryError, dn_key, normalize_guid
 from policyagent.pb import pb
 
 with warnings.catch_warnings():  # ldap3 2.9.1 imports names pyasn1 has deprecated
@@ -236,11 +236,6 @@ def _split_dn(dn: str) -> list[tuple[str, str]]:
     return out
 
 
-def _dn_key(dn: str) -> str:
-    """DNs compare case-insensitively and ignoring spaces around "=" and ","."""
-    return ",".join(f"{a.lower()}={v.lower()}" for a, v in _split_dn(dn.strip()))
-
-
 def _rdn_value(dn: str) -> str:
     return _split_dn(dn.strip())[0][1]
 
@@ -334,7 +329,7 @@ class _Builder:
 
     def claim(self, object_class: str, guid: uuid.UUID, what: str) -> str:
         dn = object_dn(object_class, guid, self.base)
-        other = self.claimed.setdefault(_dn_key(dn), what)
+        other = self.claimed.setdefault(dn_key(dn), what)
         if other != what:
             raise DirectoryPolicyError(f"{what}: would be stored as {dn}, like {other} (duplicate id)")
         return dn
@@ -605,7 +600,7 @@ class _Importer:
             cls = _ipsec_class(e)
             if cls is None:
                 continue  # the container, GPO pointers, anything foreign
-            key = _dn_key(e.dn)
+            key = dn_key(e.dn)
             if key in self.objects:
                 raise DirectoryPolicyError(f"{e.dn}: appears twice")
             self.objects[key] = (cls, e)
@@ -621,7 +616,7 @@ class _Importer:
         return self.resolve(source, attribute, str(values[0]), cls)
 
     def resolve(self, source: Entry, attribute: str, dn: str, cls: str) -> Entry:
-        found = self.objects.get(_dn_key(dn))
+        found = self.objects.get(dn_key(dn))
         if found is None or found[0] != cls:
             raise DirectoryPolicyError(f"{source.dn}: {attribute} {dn} is not an existing {cls}")
         return found[1]
@@ -647,12 +642,12 @@ class _Importer:
         for e in policies:
             out.policies.append(self.policy(e, used_filters, used_negpols))
         for e in self.of_class(FILTER):
-            if policy_ids is None or _dn_key(e.dn) in used_filters:
+            if policy_ids is None or dn_key(e.dn) in used_filters:
                 out.filter_lists.append(self.filter_list(e))
         for e in self.of_class(NEGPOL):
             if _negpol_type(e) != g.TYPE_STANDARD:
                 continue
-            if policy_ids is None or _dn_key(e.dn) in used_negpols:
+            if policy_ids is None or dn_key(e.dn) in used_negpols:
                 out.filter_actions.append(self.filter_action(e))
         for what, items in (("filter list", out.filter_lists), ("filter action", out.filter_actions)):
             ids: set[str] = set()
@@ -698,8 +693,8 @@ class _Importer:
                     f"{nfa_entry.dn}: {FILTER_REF} must name exactly one ipsecFilter ({len(filters)} found)"
                 )
             filter_entry = self.resolve(nfa_entry, FILTER_REF, str(filters[0]), FILTER)
-            used_filters.add(_dn_key(filter_entry.dn))
-            used_negpols.add(_dn_key(negpol_entry.dn))
+            used_filters.add(dn_key(filter_entry.dn))
+            used_negpols.add(dn_key(negpol_entry.dn))
             p.rules.append(
                 _mapped(
                     nfa_entry,
@@ -907,9 +902,9 @@ def load_ldif(text: str, source: str = "") -> list[Entry]:
         dn = value.decode("utf-8", errors="strict") if isinstance(value, bytes) else value
         if not dn.strip():
             raise fail(number, "empty dn")
-        if _dn_key(dn) in seen:
+        if dn_key(dn) in seen:
             raise fail(number, f"dn {dn} appears twice")
-        seen.add(_dn_key(dn))
+        seen.add(dn_key(dn))
         attributes: dict[str, list[Value]] = {}
         names: dict[str, str] = {}
         for number, line in record[1:]:
@@ -1100,7 +1095,7 @@ class _Op:
 def _same(name: str, a: tuple[Value, ...], b: tuple[Value, ...]) -> bool:
     lower = name.lower()
     if lower in _DN_ATTRIBUTES:
-        ka, kb = [_dn_key(str(v)) for v in a], [_dn_key(str(v)) for v in b]
+        ka, kb = [dn_key(str(v)) for v in a], [dn_key(str(v)) for v in b]
         return ka == kb if lower == NFA_REF.lower() else sorted(ka) == sorted(kb)  # NFA order = rule order
     if lower == DATA_TYPE.lower():
         return [str(v).strip() for v in a] == [str(v).strip() for v in b]
@@ -1110,16 +1105,16 @@ def _same(name: str, a: tuple[Value, ...], b: tuple[Value, ...]) -> bool:
 def _merge_dns(kept: Iterable[Value], added: Iterable[Value]) -> tuple[str, ...]:
     out: dict[str, str] = {}
     for v in (*kept, *added):
-        out.setdefault(_dn_key(str(v)), str(v))
+        out.setdefault(dn_key(str(v)), str(v))
     return tuple(out.values())
 
 
 def _plan_publish(existing: Sequence[Entry], wanted: Sequence[Entry]) -> list[_Op]:
     """The LDAP operations that turn `existing` into `wanted` for the published policies (pure)."""
-    have = {_dn_key(e.dn): e for e in existing if _ipsec_class(e)}
-    cls_of = {_dn_key(e.dn): c for e in existing if (c := _ipsec_class(e))}
-    want = {_dn_key(e.dn): e for e in wanted}
-    want_cls = {_dn_key(e.dn): _ipsec_class(e) or "" for e in wanted}
+    have = {dn_key(e.dn): e for e in existing if _ipsec_class(e)}
+    cls_of = {dn_key(e.dn): c for e in existing if (c := _ipsec_class(e))}
+    want = {dn_key(e.dn): e for e in wanted}
+    want_cls = {dn_key(e.dn): _ipsec_class(e) or "" for e in wanted}
     for k, e in want.items():
         if k in cls_of and cls_of[k] != want_cls[k]:  # pragma: no cover - RDNs carry the class
             raise DirectoryPolicyError(f"{e.dn}: exists as a {cls_of[k]}")
@@ -1127,7 +1122,7 @@ def _plan_publish(existing: Sequence[Entry], wanted: Sequence[Entry]) -> list[_O
     wanted_nfas = {k for k, c in want_cls.items() if c == NFA}
     # NFAs of the published policies that are gone: delete, unless a policy left alone still uses them.
     other_refs = {
-        _dn_key(str(v))
+        dn_key(str(v))
         for k, e in have.items()
         if cls_of[k] == POLICY and k not in published
         for v in e.get(NFA_REF)
@@ -1135,7 +1130,7 @@ def _plan_publish(existing: Sequence[Entry], wanted: Sequence[Entry]) -> list[_O
     removed: list[str] = []
     for k in [k for k in want if k in published]:
         for v in have[k].get(NFA_REF) if k in have else ():
-            nk = _dn_key(str(v))
+            nk = dn_key(str(v))
             if nk not in wanted_nfas and cls_of.get(nk) == NFA and nk not in other_refs and nk not in removed:
                 removed.append(nk)
     managed_nfas = wanted_nfas | set(removed)
@@ -1146,7 +1141,7 @@ def _plan_publish(existing: Sequence[Entry], wanted: Sequence[Entry]) -> list[_O
         cls = want_cls[k]
         if k in have and cls in (ISAKMP, NEGPOL, FILTER):
             managed = published if cls == ISAKMP else managed_nfas
-            kept = [v for v in have[k].get(OWNERS) if _dn_key(str(v)) not in managed]
+            kept = [v for v in have[k].get(OWNERS) if dn_key(str(v)) not in managed]
             owners = _merge_dns(kept, attrs.get(OWNERS, ()))
             if owners:
                 attrs[OWNERS] = owners
@@ -1183,7 +1178,7 @@ def _plan_publish(existing: Sequence[Entry], wanted: Sequence[Entry]) -> list[_O
             continue
         managed = published if cls == ISAKMP else managed_nfas
         current = e.get(OWNERS)
-        remaining = tuple(v for v in current if _dn_key(str(v)) not in managed)
+        remaining = tuple(v for v in current if dn_key(str(v)) not in managed)
         if len(remaining) == len(current):
             continue
         hidden = cls == ISAKMP or (cls == NEGPOL and _negpol_type_or_none(e) == g.TYPE_DEFAULT_RESPONSE)
@@ -1192,25 +1187,25 @@ def _plan_publish(existing: Sequence[Entry], wanted: Sequence[Entry]) -> list[_O
         else:
             modifies[k] = {OWNERS: remaining}
     still_referenced = {
-        _dn_key(str(v))
+        dn_key(str(v))
         for k, e in have.items()
         if k not in removed and k not in want
         for name in (ISAKMP_REF, NEGPOL_REF)
         for v in e.get(name)
-    } | {_dn_key(str(v)) for e in want.values() for name in (ISAKMP_REF, NEGPOL_REF) for v in e.get(name)}
+    } | {dn_key(str(v)) for e in want.values() for name in (ISAKMP_REF, NEGPOL_REF) for v in e.get(name)}
     orphans = [k for k in orphans if k not in still_referenced]
 
     # Clients only compare the ipsecPolicy's whenChanged (ref §5 item 6): rewrite the policy's ipsecData
     # whenever anything it uses changed. [INF]
-    dirty = set(modifies) | {_dn_key(op.dn) for op in adds} | set(removed) | set(orphans)
+    dirty = set(modifies) | {dn_key(op.dn) for op in adds} | set(removed) | set(orphans)
     for pk in published:
         if pk not in have or DATA in modifies.get(pk, {}):
             continue
-        related = {pk} | {_dn_key(str(v)) for v in final[pk].get(ISAKMP_REF, ()) + final[pk].get(NFA_REF, ())}
+        related = {pk} | {dn_key(str(v)) for v in final[pk].get(ISAKMP_REF, ()) + final[pk].get(NFA_REF, ())}
         for nk in list(related):
             if nk in want:
-                related |= {_dn_key(str(v)) for n in (FILTER_REF, NEGPOL_REF) for v in want[nk].get(n)}
-        related |= {nk for nk in removed if any(_dn_key(str(v)) == pk for v in have[nk].get(OWNERS))}
+                related |= {dn_key(str(v)) for n in (FILTER_REF, NEGPOL_REF) for v in want[nk].get(n)}
+        related |= {nk for nk in removed if any(dn_key(str(v)) == pk for v in have[nk].get(OWNERS))}
         if related & dirty:
             modifies.setdefault(pk, {})[DATA] = final[pk][DATA]
 
@@ -1279,10 +1274,10 @@ def _reuse(existing: Sequence[Entry], policies: Sequence[pb.Policy], base_dn: st
     out: dict[tuple[str, str], uuid.UUID] = {}
     for p in policies:
         pdn = object_dn(POLICY, object_guid(p.id), base_dn)
-        found = imp.objects.get(_dn_key(pdn))
+        found = imp.objects.get(dn_key(pdn))
         if found is not None and found[0] == POLICY:
             refs = found[1].get(ISAKMP_REF)
-            target = imp.objects.get(_dn_key(str(refs[0]))) if len(refs) == 1 else None
+            target = imp.objects.get(dn_key(str(refs[0]))) if len(refs) == 1 else None
             if target is not None and target[0] == ISAKMP and _only_owner(target[1], pdn):
                 guid = _rdn_guid(target[1].dn)
                 if guid is not None:
@@ -1290,11 +1285,11 @@ def _reuse(existing: Sequence[Entry], policies: Sequence[pb.Policy], base_dn: st
         if not p.HasField("default_response_rule"):
             continue
         ndn = object_dn(NFA, object_guid(p.default_response_rule.id), base_dn)
-        nfa = imp.objects.get(_dn_key(ndn))
+        nfa = imp.objects.get(dn_key(ndn))
         if nfa is None or nfa[0] != NFA:
             continue
         refs = nfa[1].get(NEGPOL_REF)
-        target = imp.objects.get(_dn_key(str(refs[0]))) if len(refs) == 1 else None
+        target = imp.objects.get(dn_key(str(refs[0]))) if len(refs) == 1 else None
         if (
             target is not None
             and target[0] == NEGPOL
@@ -1308,7 +1303,7 @@ def _reuse(existing: Sequence[Entry], policies: Sequence[pb.Policy], base_dn: st
 
 
 def _only_owner(e: Entry, owner_dn: str) -> bool:
-    return all(_dn_key(str(v)) == _dn_key(owner_dn) for v in e.get(OWNERS))
+    return all(dn_key(str(v)) == dn_key(owner_dn) for v in e.get(OWNERS))
 
 
 def publish(conn: Any, base_dn: str, contents: pb.StoreContents, policy_ids: Iterable[str] | None) -> PublishResult:
@@ -1336,9 +1331,9 @@ def publish(conn: Any, base_dn: str, contents: pb.StoreContents, policy_ids: Ite
 
 def _plan_delete(existing: Sequence[Entry], policy: Entry) -> list[_Op]:
     """ref §1.4 "Deleting a policy" (pure)."""
-    have = {_dn_key(e.dn): e for e in existing if _ipsec_class(e)}
-    pk = _dn_key(policy.dn)
-    nfas = [k for k in dict.fromkeys(_dn_key(str(v)) for v in policy.get(NFA_REF)) if k in have]
+    have = {dn_key(e.dn): e for e in existing if _ipsec_class(e)}
+    pk = dn_key(policy.dn)
+    nfas = [k for k in dict.fromkeys(dn_key(str(v)) for v in policy.get(NFA_REF)) if k in have]
     nfas = [k for k in nfas if _ipsec_class(have[k]) == NFA]
     gone = set(nfas)
     ops: list[_Op] = []
@@ -1353,7 +1348,7 @@ def _plan_delete(existing: Sequence[Entry], policy: Entry) -> list[_Op]:
         if k == pk or name is None:
             continue
         values = e.get(name)
-        kept = tuple(v for v in values if _dn_key(str(v)) not in gone)
+        kept = tuple(v for v in values if dn_key(str(v)) not in gone)
         if len(kept) == len(values):
             continue
         if not kept and cls == NEGPOL and _negpol_type_or_none(e) == g.TYPE_DEFAULT_RESPONSE:
@@ -1361,16 +1356,16 @@ def _plan_delete(existing: Sequence[Entry], policy: Entry) -> list[_Op]:
         else:
             ops.append(_Op("modify", e.dn, {name: kept}))
     ops += [_Op("delete", have[k].dn) for k in nfas]
-    still_used = {_dn_key(str(v)) for k, e in have.items() if k not in gone for v in e.get(NEGPOL_REF)}
-    ops += [_Op("delete", e.dn) for e in dead_negpols if _dn_key(e.dn) not in still_used]
+    still_used = {dn_key(str(v)) for k, e in have.items() if k not in gone for v in e.get(NEGPOL_REF)}
+    ops += [_Op("delete", e.dn) for e in dead_negpols if dn_key(e.dn) not in still_used]
     # (2) the policy out of its ISAKMP's owners, (3) the policy, then its ISAKMP object if nothing uses it
-    isakmps = [have[k] for k in (_dn_key(str(v)) for v in policy.get(ISAKMP_REF)) if k in have]
+    isakmps = [have[k] for k in (dn_key(str(v)) for v in policy.get(ISAKMP_REF)) if k in have]
     isakmps = [e for e in isakmps if _ipsec_class(e) == ISAKMP]
-    other_refs = {_dn_key(str(v)) for k, e in have.items() if k != pk for v in e.get(ISAKMP_REF)}
+    other_refs = {dn_key(str(v)) for k, e in have.items() if k != pk for v in e.get(ISAKMP_REF)}
     unused: list[Entry] = []
     for ik in isakmps:
-        kept = tuple(v for v in ik.get(OWNERS) if _dn_key(str(v)) != pk)
-        if not kept and _dn_key(ik.dn) not in other_refs:
+        kept = tuple(v for v in ik.get(OWNERS) if dn_key(str(v)) != pk)
+        if not kept and dn_key(ik.dn) not in other_refs:
             unused.append(ik)
         elif len(kept) != len(ik.get(OWNERS)):
             ops.append(_Op("modify", ik.dn, {OWNERS: kept}))
@@ -1384,9 +1379,9 @@ def delete_policy(conn: Any, base_dn: str, policy_id: str) -> PublishResult:
     negotiation policy and ISAKMP object when nothing else uses them, then the policy. Filter lists and filter
     actions stay. GPO pointers to it are left alone, as Windows does (<30>): clear them with assign_gpo."""
     existing = read_entries(conn, base_dn)
-    pdn_key = _dn_key(object_dn(POLICY, object_guid(policy_id), base_dn))
+    pdn_key = dn_key(object_dn(POLICY, object_guid(policy_id), base_dn))
     policy = next(
-        (e for e in existing if _ipsec_class(e) == POLICY and (_dn_key(e.dn) == pdn_key or _model_id(e) == policy_id)),
+        (e for e in existing if _ipsec_class(e) == POLICY and (dn_key(e.dn) == pdn_key or _model_id(e) == policy_id)),
         None,
     )
     if policy is None:

@@ -205,7 +205,8 @@ def _parent(dn: str) -> str:
         return ""
 
 
-def _dn_key(dn: str) -> str:
+def dn_key(dn: str) -> str:
+    """A DN compared as the directory compares it: attribute names and values case-insensitive, no spaces."""
     try:
         return ",".join(f"{a.strip().lower()}={v.strip().lower()}" for a, v in _rdns(dn))
     except LDAPInvalidDnError:  # an unparsable DN only fails to match
@@ -398,14 +399,14 @@ def read_topology(
     for dn, attrs in _paged(
         conn, base_dn, "(objectClass=organizationalUnit)", ["gPLink", "gPOptions", "description"], page_size=page_size
     ):
-        if _dn_key(dn) == _dn_key(base_dn):
+        if dn_key(dn) == dn_key(base_dn):
             continue  # an O=/OU= suffix is the domain, not an OU
         try:
             canonical = canonical_dn(dn)
         except ValidationError as exc:
             log.warning("skipping the OU %s: %s", dn, exc)
             continue
-        ou_dns[_dn_key(dn)] = canonical
+        ou_dns[dn_key(dn)] = canonical
         ous.append(
             assign_pb.OrganizationalUnit(
                 dn=canonical,
@@ -440,10 +441,10 @@ def read_topology(
         name = _first(attrs, "sAMAccountName") or _first(attrs, "cn")
         if not name:
             continue
-        group_names[_dn_key(dn)] = name
+        group_names[dn_key(dn)] = name
         groups.setdefault(name.casefold(), assign_pb.Group(name=name, description=_first(attrs, "description")))
         for member in _values(attrs, "member") + _values(attrs, "uniqueMember"):
-            members.setdefault(_dn_key(member), set()).add(name)
+            members.setdefault(dn_key(member), set()).add(name)
     topology.groups.extend(groups[k] for k in sorted(groups))
 
     computers: dict[str, assign_pb.Computer] = {}
@@ -456,9 +457,9 @@ def read_topology(
             log.warning("skipping the computer %s: no sAMAccountName or cn", dn)
             continue
         host = _first(attrs, "dNSHostName").strip().rstrip(".").lower()
-        member_of = set(members.get(_dn_key(dn), set()))
+        member_of = set(members.get(dn_key(dn), set()))
         for group_dn in _values(attrs, "memberOf"):
-            known = group_names.get(_dn_key(group_dn))
+            known = group_names.get(dn_key(group_dn))
             if known is None:
                 try:
                     known = _rdns(group_dn)[0][1]
@@ -474,7 +475,7 @@ def read_topology(
             # The account's place decides the domain (and so the domain-linked GPOs), not the DNS
             # suffix: AD allows a disjoint namespace (dNSHostName outside the domain's DNS name).
             domain=domain or (host.split(".", 1)[1] if "." in host else ""),
-            ou=ou_dns.get(_dn_key(_parent(dn)), ""),
+            ou=ou_dns.get(dn_key(_parent(dn)), ""),
             groups=sorted(member_of, key=str.casefold),
         )
     topology.computers.extend(computers[k] for k in sorted(computers))
@@ -507,7 +508,7 @@ def read_subnets(conn: Any, sites_base: str, *, page_size: int = 500) -> dict[st
     """
     found = sorted(
         _paged(conn, f"CN=Subnets,{sites_base}", "(objectClass=subnet)", ["cn", "siteObject"], page_size=page_size),
-        key=lambda item: _dn_key(item[0]),
+        key=lambda item: dn_key(item[0]),
     )
     out: dict[str, str] = {}
     for dn, attrs in found:
@@ -662,14 +663,9 @@ def _computer_name(attrs: Mapping[str, Any]) -> str:
     return canonical_computer_name((_first(attrs, "sAMAccountName") or _first(attrs, "cn")).removesuffix("$"))
 
 
-def dn_key(dn: str) -> str:
-    """A DN compared as the directory compares it: attribute names and values case-insensitive, no spaces."""
-    return _dn_key(dn)
-
-
 def dn_within(dn: str, base_dn: str) -> bool:
     """True if `dn` is `base_dn` or below it."""
-    key, base = _dn_key(dn), _dn_key(base_dn)
+    key, base = dn_key(dn), dn_key(base_dn)
     return key == base or key.endswith("," + base)
 
 
@@ -719,10 +715,10 @@ def read_computers(
         ):
             group_name = _first(group, "sAMAccountName") or _first(group, "cn")
             if group_name:
-                group_names[_dn_key(group_dn)] = group_name
+                group_names[dn_key(group_dn)] = group_name
         member_of = set(group_names.values())
         for group_dn in _values(attrs, "memberOf"):
-            known = group_names.get(_dn_key(group_dn))
+            known = group_names.get(dn_key(group_dn))
             if known is None and dn_within(group_dn, base_dn):
                 entry = _entry(conn, group_dn, ["objectClass", "cn", "sAMAccountName"])
                 if entry is not None and _classes(entry) & _GROUP_CLASSES:
