@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,24 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from programs import find_program
+
 REALM = "EXAMPLE.TEST"
-_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
-
-
-def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in _SBIN:
-        path = Path(d) / name
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    return None
 
 
 def realm_unavailable() -> str | None:
     """Why a KDC cannot run here (missing programs or python gssapi), or None."""
-    missing = [t for t in ("krb5kdc", "kdb5_util", "kadmin.local") if _tool(t) is None]
+    missing = [t for t in ("krb5kdc", "kdb5_util", "kadmin.local") if find_program(t) is None]
     if missing:
         return f"MIT Kerberos KDC programs not installed ({', '.join(missing)}; Debian: krb5-kdc krb5-admin-server)"
     try:
@@ -72,7 +61,7 @@ class Realm:
         return path
 
     def _kadmin(self, query: str) -> None:
-        kadmin = _tool("kadmin.local")
+        kadmin = find_program("kadmin.local")
         assert kadmin is not None
         subprocess.run(
             [kadmin, "-q", query], env={**os.environ, **self.env}, check=True, capture_output=True, timeout=30
@@ -137,7 +126,7 @@ def start_realm(directory: Path, host: str = "127.0.0.1") -> Realm:
     (directory / "kadm5.acl").write_text(f"*/admin@{REALM} *\n")
     env = {"KRB5_CONFIG": str(directory / "krb5.conf"), "KRB5_KDC_PROFILE": str(directory / "kdc.conf")}
     full_env = {**os.environ, **env}
-    kdb5_util, krb5kdc = _tool("kdb5_util"), _tool("krb5kdc")
+    kdb5_util, krb5kdc = find_program("kdb5_util"), find_program("krb5kdc")
     assert kdb5_util is not None and krb5kdc is not None
     subprocess.run(
         [kdb5_util, "create", "-s", "-r", REALM, "-P", "throwaway-master-pw"],

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/bin")
+from programs import find_program
+
 # What each Debian package contributes that the fixture needs: (path, package).
 _PACKAGE_FILES = (
     ("/usr/share/samba/setup/provision.ldif", "samba-ad-provision"),
@@ -69,14 +70,7 @@ _counter = itertools.count()
 
 
 def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in _SBIN:
-        path = Path(d) / name
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    return None
+    return find_program(name, ("/usr/bin", "/bin"))
 
 
 def _ldap3() -> Any:

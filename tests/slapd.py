@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from programs import find_program
+
 SCHEMA_FILE = Path(__file__).parent / "ldap" / "ipsec.schema"
-_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/libexec")
 _SCHEMA_DIRS = ("/etc/ldap/schema", "/etc/openldap/schema", "/usr/local/etc/openldap/schema")
 _MODULE_DIRS = ("/usr/lib/ldap", "/usr/lib64/openldap", "/usr/lib/openldap", "/usr/libexec/openldap")
 _STOCK_SCHEMAS = ("core", "cosine", "inetorgperson", "nis")
@@ -51,14 +52,7 @@ _MAX_SOCKET_PATH = 100
 
 
 def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in _SBIN:
-        path = Path(d) / name
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    return None
+    return find_program(name, ("/usr/libexec",))
 
 
 def _schema_dir() -> Path | None:
