@@ -324,6 +324,9 @@ def topology_from_proto(message: assign_pb.Topology) -> tuple[Topology, list[str
     return topology, problems
 
 
+_Obj = TypeVar("_Obj", OrgUnit, Site, Group, Gpo, Computer, GpoLink)
+
+
 def _same(a: TopologyObject, b: TopologyObject) -> bool:
     return dataclasses.replace(a, revision=0) == dataclasses.replace(b, revision=0)
 
@@ -591,34 +594,27 @@ def plan_sync(directory: Topology, owned: frozenset[OwnedKey], registry: Topolog
     # 2. GPOs (their links go with them; first, so a new GPO may take a deleted one's name)
     for gpo_id in sorted(deleting_gpos):
         mutations.append(DeleteObject(GPO, gpo_id))
+    def put_changed(
+        objects: Iterable[_Obj], current: Callable[[_Obj], _Obj | None], same: Callable[[_Obj, _Obj], bool] = _same
+    ) -> None:
+        """An upsert for each object the registry lacks or holds differently (in the order given)."""
+        for obj in objects:
+            stored = current(obj)
+            if stored is None or not same(stored, obj):
+                mutations.append(PutObject(obj, upsert=True))
+
     # 3. OUs parents first, sites, groups, GPOs
-    for ou in sorted(clean.ous.values(), key=lambda o: (len(o.parsed.ous), o.dn.casefold())):
-        current = registry.org_unit(ou.dn)
-        if current is None or not _same(current, ou):
-            mutations.append(PutObject(ou, upsert=True))
-    for site in clean.sites.values():
-        current_site = registry.site(site.name)
-        if current_site is None or not _same(current_site, site):
-            mutations.append(PutObject(site, upsert=True))
-    for group in clean.groups.values():
-        current_group = registry.group(group.name)
-        if current_group is None or not _same(current_group, group):
-            mutations.append(PutObject(group, upsert=True))
-    for gpo in clean.gpos.values():
-        current_gpo = registry.gpo(gpo.id)
-        if current_gpo is None or not _same(current_gpo, gpo):
-            mutations.append(PutObject(gpo, upsert=True))
+    put_changed(sorted(clean.ous.values(), key=lambda o: (len(o.parsed.ous), o.dn.casefold())),
+                lambda ou: registry.org_unit(ou.dn))
+    put_changed(clean.sites.values(), lambda site: registry.site(site.name))
+    put_changed(clean.groups.values(), lambda group: registry.group(group.name))
+    put_changed(clean.gpos.values(), lambda gpo: registry.gpo(gpo.id))
     # 4. computers
-    for computer in clean.computers.values():
-        current_computer = registry.computer(computer.name)
-        if current_computer is None or not _same_computer(current_computer, computer):
-            mutations.append(PutObject(computer, upsert=True))
+    put_changed(clean.computers.values(), lambda computer: registry.computer(computer.name), _same_computer)
     # 5. links, each scope in order (a put at order k shifts the others: ascending keeps them in place)
-    stored = {owned_key(lk): lk for lk in registry.links}
-    for link in sorted(clean.links, key=lambda lk: (_scope_key(lk.scope), lk.order)):
-        current_link = stored.get(owned_key(link))
-        if current_link is None or not _same(current_link, link):
-            mutations.append(PutObject(link, upsert=True))
+    links_by_key = {owned_key(lk): lk for lk in registry.links}
+    put_changed(sorted(clean.links, key=lambda lk: (_scope_key(lk.scope), lk.order)),
+                lambda link: links_by_key.get(owned_key(link)))
     # 6. computers the directory dropped
     for kind, key in sorted(gone):
         if kind == COMPUTER:
