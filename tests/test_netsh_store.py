@@ -8,6 +8,7 @@ gRPC on a unix socket; the domain store is a real policy server (the module's `s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ServerProcess
 from grpc import aio
+from slapd import Slapd, slapd_unavailable, start_slapd
 
 from clients.netsh.main import main
 from policyagent.agent.daemon import PERSISTENT_SOCKET_FILE, SOCKET_FILE
@@ -157,18 +159,11 @@ def test_set_store_errors_name_the_problem(
     assert "policyagent agent --state-dir" in err
 
 
-def test_set_store_domain_checks_the_servers_directory_domain(
-    start_server: Callable[..., ServerProcess], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from slapd import slapd_unavailable, start_slapd
-
-    # Without --directory the server has no directory domain to compare with.
-    plain = start_server(tmp_path / "plain")
-    capsys.readouterr()
-    assert main(["-r", plain.address, "ipsec", "static", "set", "store", "domain", "example.test"]) == 1
-    err = capsys.readouterr().err
-    assert f"the policy server at {plain.address} serves no directory domain" in err and "example.test" in err
-
+@contextlib.contextmanager
+def server_with_directory(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> Iterator[tuple[ServerProcess, Slapd]]:
+    """A policy server whose --directory is a throwaway slapd (DC=example,DC=test); skips without slapd."""
     why = slapd_unavailable()
     if why is not None:
         pytest.skip(why)
@@ -182,13 +177,27 @@ def test_set_store_domain_checks_the_servers_directory_domain(
             extra=["--directory", ldap.url, "--directory-base", ldap.suffix, "--directory-user", ldap.bind_dn,
                    "--directory-password-file", str(password)],
         )
+        yield server, ldap
+    finally:
+        ldap.stop()
+
+
+def test_set_store_domain_checks_the_servers_directory_domain(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without --directory the server has no directory domain to compare with.
+    plain = start_server(tmp_path / "plain")
+    capsys.readouterr()
+    assert main(["-r", plain.address, "ipsec", "static", "set", "store", "domain", "example.test"]) == 1
+    err = capsys.readouterr().err
+    assert f"the policy server at {plain.address} serves no directory domain" in err and "example.test" in err
+
+    with server_with_directory(start_server, tmp_path) as (server, _ldap):
         script = _script(tmp_path, "set store location=domain domain=EXAMPLE.test\nshow store\n")
         assert main(["-r", server.address, "-f", script, "ipsec", "static"]) == 0, capsys.readouterr().err
         assert f"Store: Domain Store (policy server {server.address})" in capsys.readouterr().out
         assert main(["-r", server.address, "ipsec", "static", "set", "store", "domain", "domain=corp.example"]) == 1
         assert "serves the domain example.test, not corp.example" in capsys.readouterr().err
-    finally:
-        ldap.stop()
 
 
 def test_exportpolicy_and_importpolicy_with_an_ldif_file(
@@ -196,8 +205,6 @@ def test_exportpolicy_and_importpolicy_with_an_ldif_file(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """file=*.ldif: the store's policies as [MS-GPIPSEC] directory objects, and back."""
-    from slapd import slapd_unavailable, start_slapd
-
     from policyagent.directory import adstore
 
     capsys.readouterr()
@@ -209,19 +216,7 @@ def test_exportpolicy_and_importpolicy_with_an_ldif_file(
     assert main(["-r", target, "ipsec", "static", "exportpolicy", f"file={tmp_path / 'x.ldif'}"]) == 1
     assert "set store location=domain" in capsys.readouterr().err
 
-    why = slapd_unavailable()
-    if why is not None:
-        pytest.skip(why)
-    ldap = start_slapd(tmp_path / "slapd")
-    try:
-        password = tmp_path / "directory.password"
-        password.write_text(ldap.password + "\n", encoding="utf-8")
-        password.chmod(0o600)
-        with_directory = start_server(
-            tmp_path / "data",
-            extra=["--directory", ldap.url, "--directory-base", ldap.suffix, "--directory-user", ldap.bind_dn,
-                   "--directory-password-file", str(password)],
-        )
+    with server_with_directory(start_server, tmp_path) as (with_directory, ldap):
         path = tmp_path / "domain.ldif"
         static = ["-r", with_directory.address, "ipsec", "static"]
         assert main([*static, "exportpolicy", f"file={path}"]) == 0, capsys.readouterr().err
@@ -241,5 +236,3 @@ def test_exportpolicy_and_importpolicy_with_an_ldif_file(
         capsys.readouterr()
         assert main(show) == 0
         assert _content(capsys.readouterr().out) == before
-    finally:
-        ldap.stop()
