@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hmac
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, NoReturn
@@ -38,10 +39,14 @@ __all__ = [
     "Peer",
     "check_peer",
     "current_peer",
+    "forget_front",
+    "peer_address",
     "peer_of",
+    "peer_of_der",
     "require_admin",
     "require_agent",
     "required_role",
+    "trust_front",
 ]
 
 PUBLIC_SERVICES = frozenset(
@@ -57,6 +62,14 @@ AGENT_SERVICES = frozenset({"policyagent.v1.Distribution"})
 ADMIN_MESSAGE = "this call needs an admin certificate"
 AGENT_MESSAGE = "this call needs an agent (host) certificate"
 REVOKED_MESSAGE = "certificate revoked"
+
+# The main port's front (policyagent/server/front.py) relays calls to the grpc.aio server with the
+# certificate it verified: believed only with the token of a front running in this process.
+FRONT_METADATA_PREFIX = "policyagent-front-"
+FRONT_TOKEN_KEY = FRONT_METADATA_PREFIX + "token"
+FRONT_PEER_KEY = FRONT_METADATA_PREFIX + "peer"
+FRONT_CERT_KEY = FRONT_METADATA_PREFIX + "certificate-bin"
+_front_tokens: set[str] = set()
 
 # Set by the interceptor for the duration of each call.
 _revocations: contextvars.ContextVar[Revocations | None] = contextvars.ContextVar("pa_revocations", default=None)
@@ -87,19 +100,65 @@ def _peer_of_pem(pem: bytes) -> Peer | None:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
+    return _peer_of_cert(cert)
+
+
+def _peer_of_cert(cert: x509.Certificate) -> Peer | None:
     role = role_of(cert)
     if role not in ("agent", "admin"):
         return None
     return Peer(role="agent" if role == "agent" else "admin", name=common_name(cert), serial=cert.serial_number)
 
 
+@functools.lru_cache(maxsize=4096)
+def peer_of_der(der: bytes) -> Peer | None:
+    """A verified certificate (DER) as a Peer; None if it is not an agent's or an admin's."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    return _peer_of_cert(cert)
+
+
+def trust_front(token: str) -> None:
+    """Believe the certificates relayed with `token` (a Front of this process starts)."""
+    _front_tokens.add(token)
+
+
+def forget_front(token: str) -> None:
+    _front_tokens.discard(token)
+
+
+def _relayed(context: Any) -> dict[str, Any] | None:
+    """The front's metadata on a call it relayed (token checked); None on any other call."""
+    if not _front_tokens:
+        return None
+    fields = {k: v for k, v in (context.invocation_metadata() or ()) if k.startswith(FRONT_METADATA_PREFIX)}
+    token = fields.get(FRONT_TOKEN_KEY)
+    if not isinstance(token, str) or not any(hmac.compare_digest(token, t) for t in list(_front_tokens)):
+        return None
+    return fields
+
+
+def peer_address(context: Any) -> str:
+    """Where the call came from, as gRPC writes it (ipv4:1.2.3.4:5): the front's client on a relayed call."""
+    relayed = _relayed(context)
+    if relayed is not None:
+        return str(relayed.get(FRONT_PEER_KEY, ""))
+    return str(context.peer() or "")
+
+
 def peer_of(context: Any) -> Peer | None:
     """The caller's certificate as a Peer, or None without one (or with one that is not ours to use).
 
-    The TLS layer has already checked the chain to our CA; this reads role (the
-    EKU role OID), name (subject CN) and serial. It does not check revocation:
-    `check_peer` / `require_*` do.
+    The TLS layer (gRPC's, or the front's on a relayed call) has already checked the
+    chain to our CA; this reads role (the EKU role OID), name (subject CN) and serial.
+    It does not check revocation: `check_peer` / `require_*` do.
     """
+    relayed = _relayed(context)
+    if relayed is not None:
+        der = relayed.get(FRONT_CERT_KEY)
+        return peer_of_der(der) if isinstance(der, bytes) else None
     auth = context.auth_context() or {}
     certs = auth.get("x509_pem_cert") or []
     if not certs:

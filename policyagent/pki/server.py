@@ -14,6 +14,7 @@ told (listen host, --tls-name) plus localhost, 127.0.0.1 and ::1.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,20 @@ class ServerPki:
             root_certificates=self.ca.cert_pem,
             require_client_auth=client_certificates,
         )
+
+    def main_port_ssl_context(self) -> ssl.SSLContext:
+        """TLS for the main port's front (policyagent/server/front.py): TLS 1.2+, ALPN h2, a client
+        certificate required and verified against our CA, no session resumption (every connection
+        proves its certificate)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        pki_dir = self.data_dir / PKI_SUBDIR
+        context.load_cert_chain(pki_dir / SERVER_CERT, pki_dir / SERVER_KEY)
+        context.load_verify_locations(cadata=self.ca.cert_pem.decode("ascii"))
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(["h2"])
+        context.num_tickets = 0
+        return context
 
     def reload_revocations(self) -> list[Peer]:
         """Re-read the revoked serials (after `policyagent ... revoke` changed the database); the new ones.

@@ -21,10 +21,12 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from policyagent.auth.service import EnrollmentServicer, EnrollmentSettings
 from policyagent.directory.sync import DirectorySettings, DirectorySync
+from policyagent.model.assignment import canonical_computer_name
 from policyagent.model.defaults import restore_defaults_plan
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, enroll_grpc
 from policyagent.pki.authz import AuthzInterceptor
@@ -50,11 +53,13 @@ from policyagent.server.assignment import AssignmentParts, add_assignment_to_ser
 from policyagent.server.directory import SERVICE_NAME as DIRECTORY_SERVICE
 from policyagent.server.directory import DirectoryService, PublishingPolicyStore, add_directory_to_server
 from policyagent.server.fleet import peer_address
+from policyagent.server.front import Front
 from policyagent.server.hub import (
     AGENT_RELAY_SERVICE,
     DISTRIBUTION_SERVICE,
     FLEET_SERVICE,
     SERVER_CONNECTION_OPTIONS,
+    Caller,
     Hub,
     attach_distribution,
 )
@@ -287,6 +292,8 @@ class PolicyServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policyagent-store")
         self._store: PolicyStore | None = None
         self._server: aio.Server | None = None
+        self._front: Front | None = None
+        self._backend_dir = ""
         self._health: Any = None
         self._address = ""
         self._stopped = False
@@ -421,10 +428,25 @@ class PolicyServer:
                 server,
             )
             self._server = server
-            port = self._bind(server, self._listen, pki.server_credentials(client_certificates=True))
+            # The main port is the front (policyagent/server/front.py): it serves the agents' streams
+            # itself and relays every other call to this grpc.aio server on a private unix socket.
+            self._backend_dir = tempfile.mkdtemp(prefix="policyagent-server-")
+            backend = f"unix:{self._backend_dir}/grpc.sock"
+            if server.add_insecure_port(backend) == 0:
+                raise ConfigError(f"cannot listen on the private socket {backend}")
             enroll_port = self._bind(server, self._enroll_listen, pki.server_credentials(client_certificates=False))
             await server.start()
             await self.hub.start()
+            hub = self.hub
+            self._front = Front(
+                pki.main_port_ssl_context(),
+                backend=backend,
+                serve_stream=lambda peer, requests, context: hub.serve_stream(
+                    Caller(canonical_computer_name(peer.name), peer.serial), requests, context
+                ),
+                revocations=pki.revocations,
+            )
+            port = await self._start_front(self._front, self._listen)
             if self.directory is not None:
                 hub = self.hub
                 self.directory.set_status_listener(hub.touch_status)
@@ -434,6 +456,8 @@ class PolicyServer:
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
+            if self._front is not None:
+                await self._front.stop(0)
             if self._server is not None:
                 await self._server.stop(0)
             await self._close()
@@ -473,6 +497,15 @@ class PolicyServer:
         # A new store holds the default policies, as a fresh Windows install does.
         return store.initialize(seed=restore_defaults_plan, principal=SEED_PRINCIPAL)
 
+    async def _start_front(self, front: Front, listen: ListenAddress) -> int:
+        shown = listen.bound(listen.port)
+        if listen.unix_path:
+            _check_unix_path_free(listen.unix_path)
+        try:
+            return await front.start(listen.host, listen.port, listen.unix_path)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {shown}: {exc.strerror or exc}") from exc
+
     def _bind(self, server: aio.Server, listen: ListenAddress, credentials: Any) -> int:
         target = listen.grpc_target
         shown = listen.bound(listen.port)
@@ -511,8 +544,11 @@ class PolicyServer:
             await self.directory.stop()
         if self.hub is not None:
             await self.hub.stop()  # ends the agents' streams, persists the fleet records
+        grace_s = self._config.grace_seconds if grace is None else grace
+        if self._front is not None:
+            await self._front.stop(grace_s)
         if self._server is not None:
-            await self._server.stop(self._config.grace_seconds if grace is None else grace)
+            await self._server.stop(grace_s)
         await self._close()
         _log.info("stopped")
 
@@ -532,6 +568,9 @@ class PolicyServer:
             self._executor.shutdown(wait=True)
             if lock_fd is not None:
                 os.close(lock_fd)
+            backend_dir, self._backend_dir = self._backend_dir, ""
+            if backend_dir:
+                shutil.rmtree(backend_dir, ignore_errors=True)
 
 
 def _check_unix_path_free(path: str) -> None:
