@@ -12,6 +12,11 @@ enforces, for every call, before the servicer runs:
 New services are admin-only unless added to the tables below: failing closed.
 Servicers call `await require_agent(context)` / `await require_admin(context)` to
 get the caller's `Peer` (the computer name comes only from the certificate).
+
+On the main port the TLS is the front's (policyagent/server/front.py): it relays calls
+to the grpc.aio server over a private unix socket with the certificate it verified, and
+`peer_of` believes that certificate only with the token of a front running in this
+process (`trust_front`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from policyagent.model.objects import SECRET_MASK, Kind, StoreObject, normalize_
 from policyagent.model.view import StoreView
 from policyagent.model.writes import Delete, Mutation, Put
 from policyagent.pb import admin_grpc, admin_pb, pb
-from policyagent.pki.authz import peer_of
+from policyagent.pki.authz import peer_address, peer_of
 from policyagent.server.errors import abort_with_error
 from policyagent.store.base import ChangeRecord, PolicyStore, WriteResult
 
@@ -265,7 +265,7 @@ def principal_of(context: aio.ServicerContext[Any, Any]) -> str:
     user = user[:_MAX_USER_LEN] or "?"
     peer = peer_of(context)
     if peer is None:  # only reachable without the AuthzInterceptor (it refuses such calls)
-        return f"unauthenticated:{user}@{context.peer()}"
+        return f"unauthenticated:{user}@{peer_address(context)}"
     return f"{peer.role}:{peer.name}/{user}"
 
 

@@ -6,7 +6,9 @@ tests and for embedding.
 
 Every connection is TLS with the server's CA (policyagent/pki). The main port
 (--listen) requires a client certificate: admins' for PolicyAdmin and the other
-admin services, agents' for Distribution (AuthzInterceptor). The enrollment port
+admin services, agents' for Distribution (AuthzInterceptor). It is served by the
+front (policyagent/server/front.py): agents' streams in process, every other call
+relayed to the grpc.aio server on a private unix socket. The enrollment port
 (--enroll-listen, by default the next port) authenticates only the server, so a
 machine without a certificate can enroll (Enrollment) and check health there.
 Two ports because grpc's Python API cannot ask for an optional client certificate.
