@@ -41,7 +41,7 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -162,6 +162,7 @@ class _Stream:
         "local_done",
         "out",
         "recv_unacked",
+        "relayed",
         "remote_done",
         "task",
         "trailers",
@@ -185,6 +186,7 @@ class _Stream:
         self.local_done = False  # trailers sent (or the stream reset)
         self.error: Exception | None = None
         self.task: asyncio.Task[None] | None = None
+        self.relayed = False  # its task relays to the grpc.aio server: cancelled when the stream goes
 
     def wake(self) -> None:
         waiter, self.waiter = self.waiter, None
@@ -234,6 +236,33 @@ class _AgentContext:
 class _Connection(asyncio.Protocol):
     """One client connection: TLS through memory BIOs, HTTP/2 frames, its streams."""
 
+    __slots__ = (
+        "_batch",
+        "_buf",
+        "_closed",
+        "_continuing",
+        "_decoder",
+        "_drained",
+        "_front",
+        "_goaway_sent",
+        "_incoming",
+        "_initial_window",
+        "_last_stream",
+        "_max_frame",
+        "_outgoing",
+        "_paused",
+        "_preface",
+        "_ready",
+        "_recv_unacked",
+        "_send_window",
+        "_streams",
+        "_timer",
+        "_tls",
+        "_transport",
+        "certificate",
+        "peer",
+    )
+
     def __init__(self, front: Front) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
@@ -271,7 +300,7 @@ class _Connection(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         _log.debug("no TLS handshake and HTTP/2 preface in time", extra={"peer": self.peer})
-        self.close()
+        self.close(force=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -293,10 +322,14 @@ class _Connection(asyncio.Protocol):
         if drained is not None and not drained.done():
             drained.set_result(None)
 
-    def close(self) -> None:
+    def close(self, *, force: bool = False) -> None:
+        """Close the connection (what is written still goes out, unless `force`)."""
         if self._transport is not None and not self._closed:
             self._closed = True
-            self._transport.close()
+            if force:
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
@@ -336,7 +369,7 @@ class _Connection(asyncio.Protocol):
         eof = False
         try:
             while True:
-                chunk = self._tls.read(65_536)
+                chunk = self._tls.read(32_768)
                 if not chunk:
                     eof = True
                     break
@@ -562,13 +595,11 @@ class _Connection(asyncio.Protocol):
             self.finish(stream, code, details)
             return
         path = headers[":path"]
-        loop = asyncio.get_running_loop()
         if path == STREAM_PATH:
-            stream.task = loop.create_task(self._front.serve_agent(self, stream), name=f"front-agent-{self.peer}")
+            stream.task = self._front.spawn(self._front.serve_agent(self, stream))
         else:
-            stream.task = loop.create_task(
-                self._front.relay(self, stream, path, headers, metadata), name=f"front-relay-{path}"
-            )
+            stream.relayed = True
+            stream.task = self._front.spawn(self._front.relay(self, stream, path, headers, metadata))
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
         size = len(payload)
@@ -585,8 +616,7 @@ class _Connection(asyncio.Protocol):
         if stream is None or stream.remote_done:
             if stream_id == 0 or stream_id > self._last_stream:
                 self._goaway(PROTOCOL_ERROR, "DATA on a stream that is not open")
-            else:
-                self._write(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
+            # else: a stream this side has ended (or reset): what was in flight is dropped (RFC 9113 §5.1)
             return
         if not flags & END_STREAM:
             stream.recv_unacked += size
@@ -596,7 +626,7 @@ class _Connection(asyncio.Protocol):
         buf = stream.buf
         if not buf and len(payload) >= 5 and int.from_bytes(payload[1:5], "big") == len(payload) - 5:
             if payload[0]:  # the compressed flag: nothing was negotiated
-                self.finish(stream, grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
+                self._fail(stream, grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
                 return
             stream.inbox.append(payload[5:])  # one whole message: the common case
         else:
@@ -604,14 +634,14 @@ class _Connection(asyncio.Protocol):
             while len(buf) >= 5:
                 length = int.from_bytes(buf[1:5], "big")
                 if length > GRPC_MAX_MESSAGE_BYTES:
-                    self.finish(
+                    self._fail(
                         stream,
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"message larger than max ({length} vs. {GRPC_MAX_MESSAGE_BYTES})",
                     )
                     return
                 if buf[0]:
-                    self.finish(stream, grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
+                    self._fail(stream, grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
                     return
                 if len(buf) < 5 + length:
                     break
@@ -619,7 +649,7 @@ class _Connection(asyncio.Protocol):
                 del buf[: 5 + length]
         if flags & END_STREAM:
             if buf:
-                self.finish(stream, grpc.StatusCode.INTERNAL, "the request ended inside a message")
+                self._fail(stream, grpc.StatusCode.INTERNAL, "the request ended inside a message")
                 return
             self._remote_done(stream)
         else:
@@ -662,7 +692,16 @@ class _Connection(asyncio.Protocol):
         self._streams.pop(stream.id, None)
         stream.wake()
         stream.wake_writer()
-        if stream.task is not None and stream.task.get_name().startswith("front-relay"):
+        if stream.relayed and stream.task is not None:
+            stream.task.cancel()
+
+    def _fail(self, stream: _Stream, code: grpc.StatusCode, details: str) -> None:
+        """The client broke the call (a bad message): end it with `code`, and stop whoever serves it."""
+        self.finish(stream, code, details)
+        stream.error = StreamClosed(details)
+        stream.wake()
+        stream.wake_writer()
+        if stream.relayed and stream.task is not None:
             stream.task.cancel()
 
     async def send_message(self, stream: _Stream, message: bytes) -> None:
@@ -801,6 +840,7 @@ class Front:
         self._channel: aio.Channel | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self.connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._unix_path = ""
         self.token = secrets.token_hex(32)
 
@@ -845,6 +885,13 @@ class Front:
             raise errors[0] if errors else OSError(f"cannot listen on {host}:{port}")
         return bound
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task serving one stream, awaited at stop."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def stop(self, grace: float) -> None:
         """Stop accepting, tell clients (GOAWAY), let open calls finish within `grace`, close."""
         for server in self._servers:
@@ -862,7 +909,9 @@ class Front:
         while any(not c.idle for c in self.connections) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.close()
+            conn.close(force=True)
+        if self._tasks:  # the streams' tasks see the connections go (relays are cancelled)
+            await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
         authz.forget_front(self.token)
         if self._channel is not None:
             await self._channel.close(None)
