@@ -121,7 +121,8 @@ def grpc_message_encode(text: str) -> str:
 
 def grpc_timeout(value: str) -> float | None:
     """A grpc-timeout header ("100m", "5S") in seconds; None if malformed."""
-    if 2 <= len(value) <= 9 and value[:-1].isdigit() and value[-1] in _TIMEOUT_UNITS:
+    digits = value[:-1]
+    if 1 <= len(digits) <= 8 and digits.isascii() and digits.isdigit() and value[-1] in _TIMEOUT_UNITS:
         return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
     return None
 
@@ -135,7 +136,8 @@ def _peer_string(transport: asyncio.BaseTransport) -> str:
     return f"unix:{name or ''}"
 
 
-_OK_TRAILERS = encode_headers((("grpc-status", "0"),))
+_OK_FIELDS: list[tuple[str, str | bytes]] = [("grpc-status", "0")]
+_OK_TRAILERS = encode_headers(_OK_FIELDS)
 _RESPONSE_HEADERS = encode_headers(((":status", "200"), ("content-type", "application/grpc")))
 
 
@@ -155,6 +157,7 @@ class _Stream:
 
     __slots__ = (
         "buf",
+        "conn",
         "error",
         "headers_sent",
         "id",
@@ -171,7 +174,8 @@ class _Stream:
         "writable",
     )
 
-    def __init__(self, stream_id: int, window: int) -> None:
+    def __init__(self, conn: _Connection, stream_id: int, window: int) -> None:
+        self.conn = conn
         self.id = stream_id
         self.window = window  # what we may send on it
         self.recv_unacked = 0  # received bytes not yet given back with WINDOW_UPDATE
@@ -199,11 +203,18 @@ class _Stream:
             writable.set_result(None)
 
     async def messages(self) -> AsyncIterator[bytes]:
-        """The client's messages until it half-closes; StreamClosed if the stream is reset or lost."""
+        """The client's messages until it half-closes; StreamClosed if the stream is reset or lost.
+
+        The stream's receive window is given back as they are taken: a reader that stops reading
+        stops the client after RECEIVE_WINDOW bytes (the connection's window is given back on
+        arrival, so other streams go on)."""
         inbox = self.inbox
         while True:
             if inbox:
-                yield inbox.popleft()
+                message = inbox.popleft()
+                if not inbox and self.recv_unacked >= RECEIVE_WINDOW // 2 and not self.remote_done:
+                    self.conn.release_window(self)
+                yield message
                 continue
             if self.error is not None:
                 raise self.error
@@ -447,7 +458,7 @@ class _Connection(asyncio.Protocol):
             payload = bytes(buf[pos + 9 : end])
             pos = end
             self._on_frame(ftype, flags, stream_id, payload)
-            if self._closed or self._goaway_sent:
+            if self._closed:
                 return
         del buf[:pos]
 
@@ -577,7 +588,7 @@ class _Connection(asyncio.Protocol):
         if len(self._streams) >= MAX_STREAMS:
             self._write(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
             return
-        stream = _Stream(stream_id, self._initial_window)
+        stream = _Stream(self, stream_id, self._initial_window)
         self._streams[stream_id] = stream
         if flags & END_STREAM:
             stream.remote_done = True
@@ -619,10 +630,7 @@ class _Connection(asyncio.Protocol):
             # else: a stream this side has ended (or reset): what was in flight is dropped (RFC 9113 §5.1)
             return
         if not flags & END_STREAM:
-            stream.recv_unacked += size
-            if stream.recv_unacked >= RECEIVE_WINDOW // 2:
-                self._write(frame(WINDOW_UPDATE, 0, stream_id, stream.recv_unacked.to_bytes(4, "big")))
-                stream.recv_unacked = 0
+            stream.recv_unacked += size  # given back as the stream's reader takes the messages
         buf = stream.buf
         if not buf and len(payload) >= 5 and int.from_bytes(payload[1:5], "big") == len(payload) - 5:
             if payload[0]:  # the compressed flag: nothing was negotiated
@@ -653,6 +661,8 @@ class _Connection(asyncio.Protocol):
                 return
             self._remote_done(stream)
         else:
+            if not stream.inbox and stream.recv_unacked >= RECEIVE_WINDOW // 2:
+                self.release_window(stream)  # nothing waits for the reader: part of a message is in `buf`
             stream.wake()
 
     def _remote_done(self, stream: _Stream) -> None:
@@ -694,6 +704,12 @@ class _Connection(asyncio.Protocol):
         stream.wake_writer()
         if stream.relayed and stream.task is not None:
             stream.task.cancel()
+
+    def release_window(self, stream: _Stream) -> None:
+        """Give the client back the receive window of what `stream`'s reader has taken."""
+        if stream.recv_unacked and not self._closed and stream.id in self._streams:
+            self._write(frame(WINDOW_UPDATE, 0, stream.id, stream.recv_unacked.to_bytes(4, "big")))
+        stream.recv_unacked = 0
 
     def _fail(self, stream: _Stream, code: grpc.StatusCode, details: str) -> None:
         """The client broke the call (a bad message): end it with `code`, and stop whoever serves it."""
@@ -745,22 +761,16 @@ class _Connection(asyncio.Protocol):
         if not stream.headers_sent:
             stream.headers_sent = True
             fields += [(":status", "200"), ("content-type", "application/grpc")]
-        if code == grpc.StatusCode.OK and not details and not fields:
-            block = _OK_TRAILERS
-        else:
-            fields.append(("grpc-status", str(code.value[0])))
-            if details:
-                fields.append(("grpc-message", grpc_message_encode(details)))
-            block = b""
+        fields.append(("grpc-status", str(code.value[0])))
+        if details:
+            fields.append(("grpc-message", grpc_message_encode(details)))
         for key, value in metadata:
             if key.endswith("-bin"):
                 raw = value if isinstance(value, bytes) else value.encode()
                 fields.append((key, base64.b64encode(raw).rstrip(b"=")))
             else:
                 fields.append((key, value))
-        if not block:
-            block = encode_headers(fields)
-        stream.trailers = block
+        stream.trailers = _OK_TRAILERS if fields == _OK_FIELDS else encode_headers(fields)
         self._pump(stream)
 
     def _pump_all(self) -> None:
@@ -972,7 +982,12 @@ class Front:
         forwarded.append((authz.FRONT_PEER_KEY, conn.peer))
         if conn.certificate is not None:
             forwarded.append((authz.FRONT_CERT_KEY, conn.certificate))
-        timeout = grpc_timeout(headers["grpc-timeout"]) if "grpc-timeout" in headers else None
+        timeout = None
+        if "grpc-timeout" in headers:
+            timeout = grpc_timeout(headers["grpc-timeout"])
+            if timeout is None:
+                conn.finish(stream, grpc.StatusCode.INTERNAL, f"malformed grpc-timeout {headers['grpc-timeout']!r}")
+                return
         method = self._channel.stream_stream(path, request_serializer=None, response_deserializer=None)
         call = method(stream.messages(), metadata=tuple(forwarded), timeout=timeout)
         try:
@@ -988,6 +1003,11 @@ class Front:
             raise
         except aio.AioRpcError as exc:
             code, details, trailing = exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ())
+        except Exception:
+            _log.exception("relaying a call failed", extra={"peer": conn.peer, "method": path})
+            call.cancel()
+            conn.finish(stream, grpc.StatusCode.INTERNAL, "server error")
+            return
         conn.finish(stream, code, details or "", _plain_metadata(trailing))
 
 
