@@ -1,6 +1,6 @@
 """Fan-out benchmark: N simulated agents on one policy server; prints figures, asserts nothing.
 
-    .venv/bin/python bench/fanout.py [--agents 1000] [--workers 4] [--pace 32] [--cache-dir DIR]
+    .venv/bin/python bench/fanout.py [--agents 1000] [--workers 4] [--pace 32] [--client wire|grpc] [--cache-dir DIR]
 
 - Certificates: one CA and N agent certificates (real, each its own key and CN
   "bench-NNNNN"), issued once into --cache-dir and reused by later runs.
@@ -16,6 +16,11 @@
   every policy pushed, and records when it did. Connects are paced (--pace handshakes in
   flight per worker): real agents do not all start in the same millisecond, and
   unpaced, 10,000 handshakes at once overflow the accept queue and time out.
+- --client: how the simulated agents speak. `wire` (the default): `WireAgent`, gRPC over
+  HTTP/2 written by the bench on an asyncio TLS connection: the same protocol on the wire as
+  a grpc.aio agent for a fraction of the CPU (the simulator shares the cores the server is
+  measured on; real agents run on other machines). `grpc`: grpc.aio clients, as the agent
+  itself uses (~300 µs of CPU per agent per push + ACK). Printed with the figures.
 - Figures: time until every agent is connected and in sync; the server's RSS before
   and after the agents connect (→ per agent); then one policy change touching all N
   agents: p50/p99/max from the change to each agent sending its ACK, and to the hub
@@ -39,11 +44,15 @@ import json
 import os
 import random
 import resource
+import ssl
 import statistics
+import struct
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,10 +240,378 @@ async def server_main(cache: Path, n: int, data_dir: Path, server_options: Seque
     await server.stop(0)
 
 
+# ---------------------------------------------------------------- wire agent: gRPC over HTTP/2 by hand
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_H2_HEAD = struct.Struct(">BHBBL")  # frame header: length (24 bits: high byte + low 16), type, flags, stream id
+_H2_SETTING = struct.Struct(">HL")
+# frame types (RFC 9113 §6)
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = range(10)
+# flags
+_END_STREAM = _ACK = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+_PRIORITY_FLAG = 0x20
+# error codes (RFC 9113 §7)
+_NO_ERROR, _PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _COMPRESSION_ERROR = 0x0, 0x1, 0x6, 0x9
+_H2_MAX_FRAME = 16384  # the largest frame we accept: the default, we never raise SETTINGS_MAX_FRAME_SIZE
+_H2_WINDOW = 1 << 20  # our receive windows (connection and stream); replenished once half is consumed
+_H2_DEFAULT_WINDOW = 65535
+_GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)
+# What a gRPC client makes of an RST_STREAM's error code (gRPC's PROTOCOL-HTTP2.md; others: INTERNAL)
+# and of a response's HTTP status when it has no grpc-status (others: UNKNOWN).
+_RST_TO_GRPC = {0x7: "UNAVAILABLE", 0x8: "CANCELLED", 0xB: "RESOURCE_EXHAUSTED", 0xC: "PERMISSION_DENIED"}
+_HTTP_TO_GRPC = {
+    400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
+    429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE",
+}
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    size = len(payload)
+    return _H2_HEAD.pack(size >> 16, size & 0xFFFF, kind, flags, stream) + payload
+
+
+def _hpack_string(s: bytes) -> bytes:
+    """An HPACK string literal without Huffman: its length as a 7-bit-prefix integer, then the octets (RFC 7541 §5)."""
+    n = len(s)
+    if n < 0x7F:
+        return bytes((n,)) + s
+    out = bytearray((0x7F,))
+    n -= 0x7F
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + s
+
+
+def _hpack_block(fields: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A header block of "literal header field without indexing, new name" (RFC 7541 §6.2.2): needs no encoder state."""
+    return b"".join(b"\x00" + _hpack_string(name) + _hpack_string(value) for name, value in fields)
+
+
+class WireAgent(asyncio.Protocol):
+    """One simulated agent's Distribution.Stream spoken by hand: gRPC over HTTP/2 (RFC 9113) over mTLS.
+
+    Why it exists: the bench measures the server, and the simulated agents share its cores (real
+    agents run on other machines). A grpc.aio agent costs ~300 µs of CPU per push + ACK, so at
+    10,000 agents the simulator takes seconds of the CPU the server is measured on. This class does
+    only what an agent's stream needs, on an asyncio TLS connection (`loop.create_connection(lambda:
+    agent, ssl=...)`), and costs a fraction of that. On the wire it speaks what a grpc.aio agent
+    speaks: TLS 1.2+ with the agent's own client certificate and ALPN h2; the HTTP/2 preface,
+    SETTINGS and flow control (windows replenished, the server's send windows respected); one POST
+    /policyagent.v1.Distribution/Stream on stream 1 with gRPC length-prefixed messages in DATA
+    frames; the server's header blocks decoded with `hpack`, its PINGs answered, GOAWAY and
+    RST_STREAM honoured, grpc-status read from the trailers. The server runs exactly the code it
+    runs for a real agent (only the client's SETTINGS values and optional headers such as
+    user-agent differ from grpc's).
+
+    Minimal, not general: one stream, no compression, no server push, no priorities; request headers
+    are encoded without indexing (no encoder state). `on_message(data)` gets each gRPC message the
+    server sends (serialized ServerMessage bytes); `send(data)` sends one (serialized AgentMessage),
+    writing it at once. `done` resolves when the stream ends: None when the server ended it with
+    grpc-status 0, else the name of the gRPC status code a grpc.aio call would fail with.
+    `close()` says GOAWAY and closes the connection; `closed` resolves when it is gone.
+    """
+
+    __slots__ = (
+        "_authority", "_buf", "_closing", "_grpc_buf", "_hblock", "_hend", "_hpack", "_hstream", "_local_closed",
+        "_out", "_peer_initial", "_peer_max_frame", "_pending", "_recv_conn", "_recv_stream", "_remote_closed",
+        "_response", "_send_conn", "_send_stream", "closed", "done", "message", "on_message", "transport",
+    )
+
+    def __init__(self, authority: str, on_message: Callable[[bytes], None]) -> None:
+        import hpack
+
+        loop = asyncio.get_running_loop()
+        self._authority = authority.encode()
+        self.on_message = on_message
+        self.done: asyncio.Future[str | None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.message = ""  # grpc-message of a failed stream, for debugging
+        self.transport: asyncio.Transport | None = None
+        self._closing = False
+        self._hpack = hpack.Decoder()  # one per connection: the server's encoder indexes into it
+        self._buf = b""  # an incomplete frame
+        self._out: list[bytes] = []  # frames to write at the end of this data_received (or now, by send)
+        self._grpc_buf = bytearray()  # an incomplete gRPC message
+        self._pending = bytearray()  # gRPC bytes waiting for the server's send windows
+        self._hblock: bytearray | None = None  # a header block waiting for its CONTINUATIONs
+        self._hstream = 0
+        self._hend = False
+        self._response = False  # the response headers came (the next header block is the trailers)
+        self._remote_closed = self._local_closed = False
+        self._send_conn = self._send_stream = self._peer_initial = _H2_DEFAULT_WINDOW
+        self._peer_max_frame = _H2_MAX_FRAME
+        self._recv_conn = self._recv_stream = 0  # received since the last WINDOW_UPDATE
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        tls = transport.get_extra_info("ssl_object")
+        if tls is None or tls.selected_alpn_protocol() != "h2":
+            self._finish("UNAVAILABLE")  # a gRPC client refuses a server that does not speak h2
+            self._local_closed = self._closing = True
+            transport.close()
+            return
+        settings = _H2_SETTING.pack(0x2, 0) + _H2_SETTING.pack(0x4, _H2_WINDOW)  # ENABLE_PUSH, INITIAL_WINDOW_SIZE
+        headers = _hpack_block(
+            (
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":path", b"/policyagent.v1.Distribution/Stream"),
+                (b":authority", self._authority),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            )
+        )
+        self._out += (
+            _H2_PREFACE,
+            _h2_frame(_SETTINGS, 0, 0, settings),
+            _h2_frame(_WINDOW_UPDATE, 0, 0, (_H2_WINDOW - _H2_DEFAULT_WINDOW).to_bytes(4, "big")),
+            _h2_frame(_HEADERS, _END_HEADERS, 1, headers),
+        )
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._finish("UNAVAILABLE")  # the connection went before the stream ended
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # we said GOAWAY: what still arrives is of no concern
+        if self._buf:
+            data = self._buf + data
+        end = len(data)
+        off = 0
+        while end - off >= 9:
+            high, low, kind, flags, stream = _H2_HEAD.unpack_from(data, off)
+            size = high << 16 | low
+            if size > _H2_MAX_FRAME:
+                self._connection_error(_FRAME_SIZE_ERROR)
+                return
+            start = off + 9
+            if end - start < size:
+                break
+            off = start + size
+            if self._hblock is not None and kind != _CONTINUATION:
+                self._connection_error(_PROTOCOL_ERROR)  # nothing comes between a header block's frames (§6.10)
+                return
+            if kind == _DATA:
+                self._on_data(flags, stream, data[start:off])
+            elif kind in (_HEADERS, _CONTINUATION):
+                if not self._on_headers(kind, flags, stream, data[start:off]):
+                    return
+            elif kind == _SETTINGS:
+                if not flags & _ACK:
+                    if size % 6:
+                        self._connection_error(_FRAME_SIZE_ERROR)
+                        return
+                    self._on_settings(data[start:off])
+            elif kind == _PING:
+                if not flags & _ACK:
+                    self._out.append(_h2_frame(_PING, _ACK, 0, data[start:off]))
+            elif kind == _WINDOW_UPDATE:
+                increment = int.from_bytes(data[start : start + 4], "big") & 0x7FFFFFFF
+                if stream == 0:
+                    self._send_conn += increment
+                elif stream == 1:
+                    self._send_stream += increment
+                if self._pending:
+                    self._flush_data()
+            elif kind == _RST_STREAM:
+                if stream == 1:
+                    self._remote_closed = self._local_closed = True
+                    self._finish(_RST_TO_GRPC.get(int.from_bytes(data[start : start + 4], "big"), "INTERNAL"))
+            elif kind == _GOAWAY:
+                last_stream = int.from_bytes(data[start : start + 4], "big") & 0x7FFFFFFF
+                error = int.from_bytes(data[start + 4 : start + 8], "big")
+                if last_stream < 1 or error != _NO_ERROR:
+                    self._finish("UNAVAILABLE")  # our stream was not processed, or the connection failed
+                # else: a graceful GOAWAY; the server still ends our stream (trailers, RST_STREAM or close)
+            elif kind == _PUSH_PROMISE:
+                self._connection_error(_PROTOCOL_ERROR)  # we said SETTINGS_ENABLE_PUSH = 0
+                return
+            # PRIORITY and unknown frame types: ignored (§5.5)
+        self._buf = data[off:] if off < end else b""
+        self._flush()
+
+    # -- frames
+
+    def _on_data(self, flags: int, stream: int, payload: bytes) -> None:
+        size = len(payload)  # all of it counts against the windows, padding included (§6.9.1)
+        self._recv_conn += size
+        if self._recv_conn >= _H2_WINDOW // 2:
+            self._out.append(_h2_frame(_WINDOW_UPDATE, 0, 0, self._recv_conn.to_bytes(4, "big")))
+            self._recv_conn = 0
+        if stream != 1 or self._remote_closed:
+            return
+        if flags & _PADDED:
+            payload = payload[1 : size - payload[0]] if size and payload[0] < size else b""
+        if flags & _END_STREAM:
+            self._remote_closed = True
+        else:
+            self._recv_stream += size
+            if self._recv_stream >= _H2_WINDOW // 2:
+                self._out.append(_h2_frame(_WINDOW_UPDATE, 0, 1, self._recv_stream.to_bytes(4, "big")))
+                self._recv_stream = 0
+        if payload:
+            self._on_grpc_bytes(payload)
+        if flags & _END_STREAM:
+            self._finish("INTERNAL")  # the stream ended without trailers (no grpc-status)
+
+    def _on_headers(self, kind: int, flags: int, stream: int, payload: bytes) -> bool:
+        if kind == _CONTINUATION:
+            if self._hblock is None or stream != self._hstream:
+                self._connection_error(_PROTOCOL_ERROR)
+                return False
+            self._hblock += payload
+            if not flags & _END_HEADERS:
+                return True
+            block, self._hblock = bytes(self._hblock), None
+            return self._on_header_block(self._hstream, self._hend, block)
+        if flags & _PADDED:
+            size = len(payload)
+            payload = payload[1 : size - payload[0]] if size and payload[0] < size else b""
+        if flags & _PRIORITY_FLAG:
+            payload = payload[5:]
+        if flags & _END_HEADERS:
+            return self._on_header_block(stream, bool(flags & _END_STREAM), payload)
+        self._hblock, self._hstream, self._hend = bytearray(payload), stream, bool(flags & _END_STREAM)
+        return True
+
+    def _on_header_block(self, stream: int, end_stream: bool, block: bytes) -> bool:
+        import hpack
+
+        try:
+            fields = dict(self._hpack.decode(block, raw=True))  # always decoded: it updates the decoder's table
+        except hpack.HPACKError:
+            self._connection_error(_COMPRESSION_ERROR)
+            return False
+        if stream != 1 or self._remote_closed:
+            return True
+        if not self._response:  # the response headers (or a trailers-only response)
+            self._response = True
+            status = fields.get(b":status", b"")
+            if status != b"200":
+                self._remote_closed = True
+                self._finish(_HTTP_TO_GRPC.get(int(status) if status.isdigit() else 0, "UNKNOWN"))
+                return True
+            if not end_stream:
+                return True
+        elif not end_stream:
+            self._connection_error(_PROTOCOL_ERROR)  # trailers without END_STREAM
+            return False
+        self._remote_closed = True
+        code = fields.get(b"grpc-status", b"2")  # no grpc-status: UNKNOWN
+        number = int(code) if code.isdigit() else 2
+        self.message = urllib.parse.unquote(fields.get(b"grpc-message", b"").decode("ascii", "replace"))
+        self._finish(None if number == 0 else _GRPC_CODES[number] if number < len(_GRPC_CODES) else "UNKNOWN")
+        return True
+
+    def _on_settings(self, payload: bytes) -> None:
+        for ident, value in _H2_SETTING.iter_unpack(payload):
+            if ident == 0x4:  # SETTINGS_INITIAL_WINDOW_SIZE: applies to open streams as a delta (§6.9.2)
+                self._send_stream += value - self._peer_initial
+                self._peer_initial = value
+            elif ident == 0x5:  # SETTINGS_MAX_FRAME_SIZE
+                self._peer_max_frame = value
+            # HEADER_TABLE_SIZE: our encoder uses no table; the others do not concern a client's one stream
+        self._out.append(_h2_frame(_SETTINGS, _ACK, 0))
+        if self._pending:
+            self._flush_data()
+
+    def _on_grpc_bytes(self, data: bytes) -> None:
+        """gRPC length-prefixed messages (1 byte compressed flag, 4 bytes length), across DATA frames."""
+        if self._grpc_buf:
+            self._grpc_buf += data
+            data = bytes(self._grpc_buf)
+            self._grpc_buf.clear()
+        end = len(data)
+        off = 0
+        while end - off >= 5:
+            start = off + 5
+            stop = start + int.from_bytes(data[off + 1 : start], "big")
+            if stop > end:
+                break
+            if data[off]:  # compressed: we never offered an encoding (grpc-accept-encoding)
+                self._remote_closed = True
+                self._finish("INTERNAL")
+                return
+            off = stop
+            self.on_message(data[start:stop])
+        if off < end:
+            self._grpc_buf += data[off:]
+
+    # -- sending
+
+    def send(self, message: bytes) -> None:
+        """One gRPC message on the stream, written now (queued while the server's windows are exhausted)."""
+        if self._local_closed:
+            return
+        size = len(message) + 5  # compressed flag 0 + 4-byte big-endian length, then the message
+        if not self._pending and size <= min(self._send_conn, self._send_stream, self._peer_max_frame):
+            self._out.append(_h2_frame(_DATA, 0, 1, len(message).to_bytes(5, "big") + message))
+            self._send_conn -= size
+            self._send_stream -= size
+        else:
+            self._pending += len(message).to_bytes(5, "big")
+            self._pending += message
+            self._flush_data()
+        self._flush()
+
+    def _flush_data(self) -> None:
+        pending = self._pending
+        while pending:
+            n = min(len(pending), self._send_conn, self._send_stream, self._peer_max_frame)
+            if n <= 0:
+                return  # the server's WINDOW_UPDATE (or SETTINGS) sends the rest
+            self._out.append(_h2_frame(_DATA, 0, 1, bytes(pending[:n])))
+            del pending[:n]
+            self._send_conn -= n
+            self._send_stream -= n
+
+    def _flush(self) -> None:
+        if self._out:
+            if self.transport is not None and not self._closing:
+                self.transport.write(b"".join(self._out))
+            self._out.clear()
+
+    def _finish(self, status: str | None) -> None:
+        if not self.done.done():
+            self.done.set_result(status)
+
+    def _connection_error(self, error: int) -> None:
+        self._finish("INTERNAL")
+        self.close(error)
+
+    def close(self, error: int = _NO_ERROR) -> None:
+        """Say GOAWAY (last stream 0: we accept none) and close the connection."""
+        self._local_closed = True
+        if self.transport is None:
+            if not self.closed.done():
+                self.closed.set_result(None)  # never connected, or already gone
+            return
+        if not self._closing:
+            self._out.append(_h2_frame(_GOAWAY, 0, 0, bytes(4) + error.to_bytes(4, "big")))
+            self._flush()
+            self._closing = True
+            self.transport.close()
+
+
 # ---------------------------------------------------------------- agent worker process
 
 
-async def worker_main(cache: Path, address: str, start: int, count: int, pace: int) -> None:
+async def worker_main(cache: Path, address: str, start: int, count: int, pace: int, client: str = "wire") -> None:
     import grpc
     from grpc import aio
 
@@ -287,13 +664,69 @@ async def worker_main(cache: Path, address: str, start: int, count: int, pace: i
                 await channel.close()
                 await asyncio.sleep(0.5 + random.random())
 
+    # --client wire: the same agent, speaking gRPC over HTTP/2 itself (WireAgent) at a fraction of the CPU.
+    loop = asyncio.get_running_loop()
+    host, _, port = address.rpartition(":")
+    wires: dict[str, WireAgent] = {}
+    pem_dir = tempfile.mkdtemp(prefix="fanout-wire-") if client == "wire" else ""  # load_cert_chain reads files only
+
+    def tls_context(agent: dict[str, str]) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server's certificate and host name
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_verify_locations(cadata=ca_pem.decode())
+        context.set_alpn_protocols(["h2"])
+        pem = Path(pem_dir) / f"{agent['name']}.pem"
+        pem.write_text(agent["cert"] + agent["key"])
+        try:
+            context.load_cert_chain(pem)
+        finally:
+            pem.unlink()
+        return context
+
+    async def one_wire(agent: dict[str, str]) -> None:
+        nonlocal in_sync
+        name = agent["name"]
+        hello = dist_pb.AgentMessage(hello=dist_pb.Hello(computer=name)).SerializeToString()
+        first = True
+
+        def on_message(data: bytes) -> None:
+            nonlocal first, in_sync
+            message = dist_pb.ServerMessage.FromString(data)
+            if message.WhichOneof("msg") != "policy":
+                return
+            p = message.policy
+            wire.send(dist_pb.AgentMessage(ack=dist_pb.Ack(version=p.version, nonce=p.nonce)).SerializeToString())
+            acks[name].append((p.version, time.time()))
+            if first:
+                first = False
+                connecting.release()
+                in_sync += 1
+                if in_sync == len(agents):
+                    connected.set()
+
+        await connecting.acquire()
+        context = tls_context(agent)
+        while True:  # like the grpc worker: reconnect when the stream fails
+            wire = wires[name] = WireAgent(address, on_message)
+            try:
+                await asyncio.wait_for(loop.create_connection(lambda w=wire: w, host, int(port), ssl=context), 20)
+                wire.send(hello)
+                status = await wire.done
+            except OSError:  # refused, reset, TLS handshake failed, timed out: what grpc calls UNAVAILABLE
+                status = "UNAVAILABLE"
+            finally:
+                wire.close()
+            if status is None:  # the server ended the stream with grpc-status 0
+                return
+            errors[status] = errors.get(status, 0) + 1
+            await asyncio.sleep(0.5 + random.random())
+
     tasks = []
     for agent in agents:
-        tasks.append(asyncio.create_task(one(agent)))
+        tasks.append(asyncio.create_task(one_wire(agent) if client == "wire" else one(agent)))
         await asyncio.sleep(0)  # let the loop breathe while thousands of handshakes start
     await connected.wait()
     print(f"connected (stream errors retried: {errors or 'none'})", flush=True)
-    loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
@@ -309,6 +742,11 @@ async def worker_main(cache: Path, address: str, start: int, count: int, pace: i
             print("acks " + json.dumps(times), flush=True)
     for task in tasks:
         task.cancel()
+    if wires:  # GOAWAY + TLS close_notify sent as the tasks end; let the connections go
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait([w.closed for w in wires.values()], timeout=5)
+    if pem_dir:
+        os.rmdir(pem_dir)  # empty: each file goes once loaded
     for channel in channels:
         await channel.close()
 
@@ -335,7 +773,7 @@ def _pct(values: list[float], p: float) -> float:
 
 def run(
     n: int, workers: int, cache: Path, pace: int, worker_nice: int = 0,
-    server_env: Sequence[str] = (), server_options: Sequence[str] = (),
+    server_env: Sequence[str] = (), server_options: Sequence[str] = (), client: str = "wire",
 ) -> None:
     import tempfile
 
@@ -356,7 +794,7 @@ def run(
             started = time.monotonic()
             procs = [
                 subprocess.Popen(
-                    [*me, "--role", "worker", "--address", f"127.0.0.1:{port}", "--start", str(i * share), "--count", str(min(share, n - i * share)), "--pace", str(pace), "--worker-nice", str(worker_nice)],
+                    [*me, "--role", "worker", "--address", f"127.0.0.1:{port}", "--start", str(i * share), "--count", str(min(share, n - i * share)), "--pace", str(pace), "--worker-nice", str(worker_nice), "--client", client],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 )
                 for i in range(workers)
@@ -400,7 +838,8 @@ def run(
             workers_cpu = [sum(v[i] for k, v in cpu.items() if k != server.pid) for i in (0, 1)]
             threads = {k: v - threads_before.get(k, 0.0) for k, v in _thread_cpu_s(server.pid).items()}
             busiest = sorted(((v, k) for k, v in threads.items() if v >= 0.01), reverse=True)
-            print(f"agents                      {n} ({len(procs)} worker processes, one mTLS channel + stream each)")
+            print(f"agents                      {n} ({len(procs)} worker processes, one mTLS channel + stream each; "
+                  f"client: {client})")
             if server_env or server_options:
                 print(f"server settings             env {' '.join(server_env) or '-'}; options {' '.join(server_options) or '-'}")
             print(f"connect + first sync        {connect_s:.2f} s for all agents (pace: {pace} handshakes in flight per "
@@ -459,6 +898,13 @@ def main() -> None:
         help="niceness of the simulated-agent processes: real agents run on other machines; with e.g. 19 "
         "they take only the CPU the server leaves, so the server's figures are less skewed by the simulation",
     )
+    parser.add_argument(
+        "--client",
+        choices=("wire", "grpc"),
+        default="wire",
+        help="simulated agents: wire = gRPC over HTTP/2 spoken by the bench itself (WireAgent: little CPU), "
+        "grpc = grpc.aio clients (~300 µs CPU per agent per push + ACK, taken from the server's cores)",
+    )
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the server process only (repeatable)")
     parser.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE",
@@ -471,9 +917,9 @@ def main() -> None:
     elif args.role == "worker":
         if args.worker_nice:
             os.nice(args.worker_nice)
-        asyncio.run(worker_main(cache, args.address, args.start, args.count, args.pace))
+        asyncio.run(worker_main(cache, args.address, args.start, args.count, args.pace, args.client))
     else:
-        run(args.agents, args.workers, cache, args.pace, args.worker_nice, args.server_env, args.server_option)
+        run(args.agents, args.workers, cache, args.pace, args.worker_nice, args.server_env, args.server_option, args.client)
 
 
 if __name__ == "__main__":
