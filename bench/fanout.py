@@ -29,7 +29,9 @@
 - --server-env KEY=VALUE (repeatable): environment of the server process only (e.g.
   MALLOC_MMAP_THRESHOLD_=17000, GRPC_EXPERIMENTS=...); --server-option KEY=VALUE (repeatable):
   a gRPC server channel arg set on top of hub.SERVER_CONNECTION_OPTIONS (same key: replaced;
-  an int when the value parses as one). Both are printed with the figures.
+  an int when the value parses as one); it reaches the grpc.aio server (the enrollment port and the
+  services the front relays to), not the main port's front that serves the agents' streams. Both are
+  printed with the figures.
 - BENCH_PYSPY_DIR=DIR: record py-spy profiles of the server and the first worker
   around the change into DIR (py-spy must be installed in the venv).
 """
@@ -633,6 +635,11 @@ async def worker_main(cache: Path, address: str, start: int, count: int, pace: i
     # Pacing (a bench artefact: real agents start at different times and reconnect with jitter):
     # at most `pace` handshakes + first syncs in flight per worker process.
     connecting = asyncio.Semaphore(pace)
+    from policyagent.agent.daemon import keepalive_options
+    from policyagent.pb import GRPC_MESSAGE_OPTIONS
+
+    # The real agent's channel options (policyagent/agent/daemon.py), at its default keepalive.
+    agent_options = [*keepalive_options(20.0), *GRPC_MESSAGE_OPTIONS]
 
     async def one(agent: dict[str, str]) -> None:
         nonlocal in_sync
@@ -640,7 +647,7 @@ async def worker_main(cache: Path, address: str, start: int, count: int, pace: i
         first = True
         await connecting.acquire()
         while True:  # like the agent: reconnect when the stream fails (e.g. a handshake storm at start)
-            channel = aio.secure_channel(address, creds, options=[("grpc.keepalive_time_ms", 60000)])
+            channel = aio.secure_channel(address, creds, options=agent_options)
             channels.append(channel)
             try:
                 call = dist_grpc.DistributionStub(channel).Stream()
