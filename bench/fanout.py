@@ -244,16 +244,17 @@ async def server_main(cache: Path, n: int, data_dir: Path, server_options: Seque
 
 # ---------------------------------------------------------------- wire agent: gRPC over HTTP/2 by hand
 
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# The frame and HPACK-literal encoders and the protocol's numbers are the server front's
+# (policyagent/server/front.py); the client side (parsing, windows, the agent's behaviour) is the bench's.
+from policyagent.server import front as _front  # noqa: E402  (after the sys.path insert)
+
+_H2_PREFACE, STREAM_PATH, encode_headers, _h2_frame = _front.PREFACE, _front.STREAM_PATH, _front.encode_headers, _front.frame
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS = _front.DATA, _front.HEADERS, _front.RST_STREAM, _front.SETTINGS
+_PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE = _front.PUSH_PROMISE, _front.PING, _front.GOAWAY, _front.WINDOW_UPDATE
+_CONTINUATION, _END_STREAM, _ACK, _END_HEADERS = _front.CONTINUATION, _front.END_STREAM, _front.ACK, _front.END_HEADERS
+_PADDED, _PRIORITY_FLAG = _front.PADDED, _front.PRIORITY_FLAG
 _H2_HEAD = struct.Struct(">BHBBL")  # frame header: length (24 bits: high byte + low 16), type, flags, stream id
 _H2_SETTING = struct.Struct(">HL")
-# frame types (RFC 9113 §6)
-_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = range(10)
-# flags
-_END_STREAM = _ACK = 0x1
-_END_HEADERS = 0x4
-_PADDED = 0x8
-_PRIORITY_FLAG = 0x20
 # error codes (RFC 9113 §7)
 _NO_ERROR, _PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _COMPRESSION_ERROR = 0x0, 0x1, 0x6, 0x9
 _H2_MAX_FRAME = 16384  # the largest frame we accept: the default, we never raise SETTINGS_MAX_FRAME_SIZE
@@ -271,30 +272,6 @@ _HTTP_TO_GRPC = {
     400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
     429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE",
 }
-
-
-def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    size = len(payload)
-    return _H2_HEAD.pack(size >> 16, size & 0xFFFF, kind, flags, stream) + payload
-
-
-def _hpack_string(s: bytes) -> bytes:
-    """An HPACK string literal without Huffman: its length as a 7-bit-prefix integer, then the octets (RFC 7541 §5)."""
-    n = len(s)
-    if n < 0x7F:
-        return bytes((n,)) + s
-    out = bytearray((0x7F,))
-    n -= 0x7F
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + s
-
-
-def _hpack_block(fields: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """A header block of "literal header field without indexing, new name" (RFC 7541 §6.2.2): needs no encoder state."""
-    return b"".join(b"\x00" + _hpack_string(name) + _hpack_string(value) for name, value in fields)
 
 
 class WireAgent(asyncio.Protocol):
@@ -331,7 +308,7 @@ class WireAgent(asyncio.Protocol):
         import hpack
 
         loop = asyncio.get_running_loop()
-        self._authority = authority.encode()
+        self._authority = authority
         self.on_message = on_message
         self.done: asyncio.Future[str | None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -364,14 +341,14 @@ class WireAgent(asyncio.Protocol):
             transport.close()
             return
         settings = _H2_SETTING.pack(0x2, 0) + _H2_SETTING.pack(0x4, _H2_WINDOW)  # ENABLE_PUSH, INITIAL_WINDOW_SIZE
-        headers = _hpack_block(
+        headers = encode_headers(
             (
-                (b":method", b"POST"),
-                (b":scheme", b"https"),
-                (b":path", b"/policyagent.v1.Distribution/Stream"),
-                (b":authority", self._authority),
-                (b"content-type", b"application/grpc"),
-                (b"te", b"trailers"),
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":path", STREAM_PATH),
+                (":authority", self._authority),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
             )
         )
         self._out += (
