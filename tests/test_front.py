@@ -38,6 +38,8 @@ from policyagent.server.front import (
     DATA,
     END_HEADERS,
     END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOOD_LIMIT,
     FRAME_SIZE_ERROR,
     GOAWAY,
     HEADERS,
@@ -488,6 +490,20 @@ def test_oversized_frame_is_a_frame_size_error(server: ServerProcess, agent: Cer
         payload = goaways[0].payload
         assert int.from_bytes(payload[:4], "big") == 0  # no stream was opened
         assert int.from_bytes(payload[4:8], "big") == FRAME_SIZE_ERROR == 6
+
+
+def test_a_ping_flood_closes_the_connection(server: ServerProcess, agent: CertFiles) -> None:
+    """PINGs past FLOOD_LIMIT in FLOOD_WINDOW_S get GOAWAY ENHANCE_YOUR_CALM and the close; the ones
+    before the limit are answered."""
+    with RawH2.open(server.address, agent) as conn:
+        conn.start()
+        conn.send(b"".join(frame(PING, 0, 0, i.to_bytes(8, "big")) for i in range(FLOOD_LIMIT + 10)))
+        frames = conn.read_until_closed()
+        acks = [f for f in frames if f.type == PING]
+        # The client's SETTINGS (answered by start()) counts as one.
+        assert len(acks) == FLOOD_LIMIT - 1 and all(f.flags == ACK for f in acks)
+        assert frames[-1].type == GOAWAY, frames[-3:]
+        assert int.from_bytes(frames[-1].payload[4:8], "big") == ENHANCE_YOUR_CALM == 0xB
 
 
 def test_the_101st_concurrent_stream_is_refused(server: ServerProcess, agent: CertFiles) -> None:

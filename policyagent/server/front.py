@@ -41,6 +41,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
@@ -79,6 +80,12 @@ SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 # error codes
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
+ENHANCE_YOUR_CALM = 0xB
+# What a client may make this side do per FLOOD_WINDOW_S — answer PINGs and SETTINGS, drop streams it
+# resets — before the connection is closed with ENHANCE_YOUR_CALM (the control-frame and "rapid reset"
+# floods). An agent pings every 20 s.
+FLOOD_LIMIT = 1000
+FLOOD_WINDOW_S = 10.0
 
 # What a client may not pass through to the relayed call: HTTP/2 and gRPC's own headers.
 _NOT_METADATA = frozenset({"content-type", "te", "user-agent", "host", "connection", "keep-alive", "upgrade"})
@@ -254,6 +261,8 @@ class _Connection(asyncio.Protocol):
         "_continuing",
         "_decoder",
         "_drained",
+        "_flood",
+        "_flood_since",
         "_front",
         "_goaway_sent",
         "_incoming",
@@ -297,6 +306,8 @@ class _Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
         self._goaway_sent = False
+        self._flood = 0
+        self._flood_since = 0.0
         self.peer = ""
         self.certificate: bytes | None = None  # the verified client certificate, DER
 
@@ -479,11 +490,11 @@ class _Connection(asyncio.Protocol):
         elif ftype == PING:
             if len(payload) != 8 or stream_id:
                 self._goaway(FRAME_SIZE_ERROR if len(payload) != 8 else PROTOCOL_ERROR, "bad PING")
-            elif not flags & ACK:
+            elif not flags & ACK and self._owed():
                 self._write(frame(PING, ACK, 0, payload))
         elif ftype == RST_STREAM:
             stream = self._streams.get(stream_id)
-            if stream is not None:
+            if stream is not None and self._owed():
                 self._reset(stream, StreamClosed("the client reset the stream"))
         elif ftype == GOAWAY:
             pass  # the client will open no new streams; the ones it has run to their end
@@ -495,7 +506,7 @@ class _Connection(asyncio.Protocol):
         if stream_id or len(payload) % 6:
             self._goaway(PROTOCOL_ERROR, "bad SETTINGS")
             return
-        if flags & ACK:
+        if flags & ACK or not self._owed():
             return
         for i in range(0, len(payload), 6):
             key = int.from_bytes(payload[i : i + 2], "big")
@@ -664,6 +675,17 @@ class _Connection(asyncio.Protocol):
             if not stream.inbox and stream.recv_unacked >= RECEIVE_WINDOW // 2:
                 self.release_window(stream)  # nothing waits for the reader: part of a message is in `buf`
             stream.wake()
+
+    def _owed(self) -> bool:
+        """Count one thing the client made this side do; past FLOOD_LIMIT, close the connection (False)."""
+        now = time.monotonic()
+        if now - self._flood_since > FLOOD_WINDOW_S:
+            self._flood_since, self._flood = now, 0
+        self._flood += 1
+        if self._flood <= FLOOD_LIMIT:
+            return True
+        self._goaway(ENHANCE_YOUR_CALM, "too many PINGs, SETTINGS or reset streams")
+        return False
 
     def _remote_done(self, stream: _Stream) -> None:
         stream.remote_done = True
