@@ -27,7 +27,8 @@ no compression (a compressed request fails with UNIMPLEMENTED, as the client ask
 something the server does not do), HPACK dynamic table 0 for what the server sends
 (literal fields, no Huffman) and accepted up to 4 KiB from the client. Limits: 100
 concurrent streams per connection, 16 KiB header blocks, frames up to 16 KiB, messages up
-to GRPC_MAX_MESSAGE_BYTES, 10 s for the TLS handshake and preface.
+to GRPC_MAX_MESSAGE_BYTES, 10 s for the TLS handshake and preface, FLOOD_LIMIT PINGs,
+SETTINGS and client resets per 10 s.
 """
 
 from __future__ import annotations
