@@ -618,8 +618,17 @@ async def worker_main(cache: Path, address: str, start: int, count: int, pace: i
     # The real agent's channel options (policyagent/agent/daemon.py), at its default keepalive.
     agent_options = [*keepalive_options(20.0), *GRPC_MESSAGE_OPTIONS]
 
-    async def one(agent: dict[str, str]) -> None:
+    def sent_ack(name: str, version: str, first: bool) -> None:
+        """After an agent sent an ACK: when it did and, on its first, the pacing and in-sync count."""
         nonlocal in_sync
+        acks[name].append((version, time.time()))
+        if first:
+            connecting.release()
+            in_sync += 1
+            if in_sync == len(agents):
+                connected.set()
+
+    async def one(agent: dict[str, str]) -> None:
         creds = grpc.ssl_channel_credentials(ca_pem, agent["key"].encode(), agent["cert"].encode())
         first = True
         await connecting.acquire()
@@ -634,13 +643,8 @@ async def worker_main(cache: Path, address: str, start: int, count: int, pace: i
                         continue
                     p = message.policy
                     await call.write(dist_pb.AgentMessage(ack=dist_pb.Ack(version=p.version, nonce=p.nonce)))
-                    acks[agent["name"]].append((p.version, time.time()))
-                    if first:
-                        first = False
-                        connecting.release()
-                        in_sync += 1
-                        if in_sync == len(agents):
-                            connected.set()
+                    sent_ack(agent["name"], p.version, first)
+                    first = False
                 return
             except grpc.RpcError as exc:
                 key = exc.code().name if isinstance(exc, aio.AioRpcError) else type(exc).__name__
@@ -668,25 +672,19 @@ async def worker_main(cache: Path, address: str, start: int, count: int, pace: i
         return context
 
     async def one_wire(agent: dict[str, str]) -> None:
-        nonlocal in_sync
         name = agent["name"]
         hello = dist_pb.AgentMessage(hello=dist_pb.Hello(computer=name)).SerializeToString()
         first = True
 
         def on_message(data: bytes) -> None:
-            nonlocal first, in_sync
+            nonlocal first
             message = dist_pb.ServerMessage.FromString(data)
             if message.WhichOneof("msg") != "policy":
                 return
             p = message.policy
             wire.send(dist_pb.AgentMessage(ack=dist_pb.Ack(version=p.version, nonce=p.nonce)).SerializeToString())
-            acks[name].append((p.version, time.time()))
-            if first:
-                first = False
-                connecting.release()
-                in_sync += 1
-                if in_sync == len(agents):
-                    connected.set()
+            sent_ack(name, p.version, first)
+            first = False
 
         await connecting.acquire()
         context = tls_context(agent)

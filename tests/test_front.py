@@ -629,17 +629,20 @@ def spoofed_metadata(admin_der: bytes) -> tuple[tuple[str, str | bytes], ...]:
     )
 
 
+def spoofed_get_store(channel: grpc.Channel, admin: CertFiles) -> tuple[grpc.StatusCode, str]:
+    """GetStore on `channel` with the front's metadata keys forged (the admin certificate): its status."""
+    stub = admin_grpc.PolicyAdminStub(channel)
+    exc = rpc_error(
+        lambda: stub.GetStore(admin_pb.GetStoreRequest(), metadata=spoofed_metadata(admin.der), timeout=RPC_TIMEOUT_S)
+    )
+    return code_and_details(exc)
+
+
 def test_agent_cannot_pass_itself_off_as_an_admin(server: ServerProcess, agent: CertFiles, admin: CertFiles) -> None:
     """On the main port, an agent sending the front's own metadata keys (a guessed token, the admin
     certificate) is still the agent: the front strips those keys, GetStore is PERMISSION_DENIED."""
     with agent_channel(server.address, agent) as channel:
-        stub = admin_grpc.PolicyAdminStub(channel)
-        exc = rpc_error(
-            lambda: stub.GetStore(
-                admin_pb.GetStoreRequest(), metadata=spoofed_metadata(admin.der), timeout=RPC_TIMEOUT_S
-            )
-        )
-    code, details = code_and_details(exc)
+        code, details = spoofed_get_store(channel, admin)
     assert code == grpc.StatusCode.PERMISSION_DENIED, details
     assert details.startswith(authz.ADMIN_MESSAGE) and "'web1' presented an agent certificate" in details
 
@@ -649,13 +652,7 @@ def test_enrollment_port_ignores_forwarded_identity(server: ServerProcess, admin
     front's token: GetStore is UNAUTHENTICATED."""
     assert server.enroll_address
     with grpc.secure_channel(server.enroll_address, grpc.ssl_channel_credentials(admin.ca)) as channel:
-        stub = admin_grpc.PolicyAdminStub(channel)
-        exc = rpc_error(
-            lambda: stub.GetStore(
-                admin_pb.GetStoreRequest(), metadata=spoofed_metadata(admin.der), timeout=RPC_TIMEOUT_S
-            )
-        )
-    code, details = code_and_details(exc)
+        code, details = spoofed_get_store(channel, admin)
     assert code == grpc.StatusCode.UNAUTHENTICATED, details
     assert details.startswith(authz.ADMIN_MESSAGE)
 
