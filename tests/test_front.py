@@ -618,6 +618,28 @@ def test_malformed_grpc_timeout_still_gets_an_answer(server: ServerProcess, agen
         assert response.reset is not None or response.field("grpc-status") is not None
 
 
+@pytest.mark.parametrize(
+    ("field", "problem"),
+    [
+        (("x-note", b"caf\xe9"), "is not printable ASCII"),
+        (("x-note", b"a\x01b"), "is not printable ASCII"),
+        (("x-note-bin", b"!!!"), "is not base64"),
+    ],
+)
+def test_metadata_that_cannot_be_relayed_gets_an_answer(
+    server: ServerProcess, agent: CertFiles, field: tuple[str, bytes], problem: str
+) -> None:
+    """Metadata gRPC does not allow (a text value outside printable ASCII, a -bin value that is not
+    base64) ends the call with INTERNAL naming the key, instead of leaving the stream hanging."""
+    with RawH2.open(server.address, agent) as conn:
+        conn.start()
+        request = grpc_message(health_pb2.HealthCheckRequest().SerializeToString())
+        conn.send(conn.headers(1, grpc_request(HEALTH_CHECK, field)), frame(DATA, END_STREAM, 1, request))
+        response = conn.response(1, timeout=2.0)
+        assert response.field("grpc-status") == "13", response
+        assert problem in urllib.parse.unquote(response.field("grpc-message") or ""), response
+
+
 # ---------------------------------------------------------------- identity forwarding
 
 

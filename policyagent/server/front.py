@@ -298,7 +298,9 @@ class _Connection(asyncio.Protocol):
         self._streams: dict[int, _Stream] = {}
         self._last_stream = 0
         self._continuing: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
-        self._decoder = hpack.Decoder()
+        # Decoded header lists are held to what SETTINGS_MAX_HEADER_LIST_SIZE announces (an HPACK
+        # block of indexed references could otherwise expand a 16 KiB block to megabytes).
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
         self._send_window = 65_535  # the connection's, for what we send
         self._initial_window = 65_535  # the client's SETTINGS_INITIAL_WINDOW_SIZE
         self._max_frame = MAX_FRAME  # the client's SETTINGS_MAX_FRAME_SIZE, capped at ours
@@ -995,12 +997,15 @@ class Front:
                 continue
             if key.endswith("-bin"):
                 try:
-                    forwarded.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
+                    forwarded.append((key, base64.b64decode(value + "=" * (-len(value) % 4), validate=True)))
                 except ValueError:
                     conn.finish(stream, grpc.StatusCode.INTERNAL, f"metadata {key!r} is not base64")
                     return
-            else:
+            elif value.isascii() and value.isprintable():
                 forwarded.append((key, value))
+            else:  # gRPC: a text value is printable ASCII
+                conn.finish(stream, grpc.StatusCode.INTERNAL, f"metadata {key!r} is not printable ASCII")
+                return
         forwarded.append((authz.FRONT_TOKEN_KEY, self.token))
         forwarded.append((authz.FRONT_PEER_KEY, conn.peer))
         if conn.certificate is not None:
@@ -1012,7 +1017,11 @@ class Front:
                 conn.finish(stream, grpc.StatusCode.INTERNAL, f"malformed grpc-timeout {headers['grpc-timeout']!r}")
                 return
         method = self._channel.stream_stream(path, request_serializer=None, response_deserializer=None)
-        call = method(stream.messages(), metadata=tuple(forwarded), timeout=timeout)
+        try:
+            call = method(stream.messages(), metadata=tuple(forwarded), timeout=timeout)
+        except Exception as exc:  # grpc refuses the metadata (e.g. a value that is not printable ASCII)
+            conn.finish(stream, grpc.StatusCode.INTERNAL, f"the call's metadata cannot be relayed: {exc}")
+            return
         try:
             async for response in call:
                 await conn.send_message(stream, response)
@@ -1023,7 +1032,12 @@ class Front:
             return
         except asyncio.CancelledError:
             call.cancel()
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled: the stream is gone
+            # grpc.aio ends a call it could not start (e.g. metadata its core refuses) this way
+            conn.finish(stream, grpc.StatusCode.CANCELLED, "the relayed call was cancelled")
+            return
         except aio.AioRpcError as exc:
             code, details, trailing = exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ())
         except Exception:
