@@ -130,6 +130,14 @@ class Caller:
     name: str
     serial: int = 0
 
+    @classmethod
+    def of(cls, peer: Any) -> Caller:
+        """The caller a verified certificate (`pki.authz.Peer`) stands for: the registry's names are
+        canonical (lower-case); so are the hub's."""
+        from policyagent.model.assignment import canonical_computer_name
+
+        return cls(canonical_computer_name(peer.name), peer.serial)
+
 
 class RelayError(Exception):
     """A relayed call failed: the gRPC status to answer with, and whether the server or the agent said so."""
@@ -933,12 +941,9 @@ def add_to_server(hub: Hub, server: aio.Server, identify: Identify, authorize_ad
 
 async def identify_by_certificate(context: aio.ServicerContext[Any, Any]) -> Caller:
     """The calling agent from its host certificate (policyagent.pki.authz); aborts the call otherwise."""
-    from policyagent.model.assignment import canonical_computer_name
     from policyagent.pki.authz import require_agent
 
-    peer = await require_agent(context)
-    # The registry's names are canonical (lower-case); so are the hub's.
-    return Caller(canonical_computer_name(peer.name), peer.serial)
+    return Caller.of(await require_agent(context))
 
 
 async def require_admin_certificate(context: aio.ServicerContext[Any, Any]) -> None:
@@ -966,9 +971,8 @@ def attach_distribution(
 
     def on_revoked(peer: Any) -> None:
         if getattr(peer, "role", "") == "agent":
-            from policyagent.model.assignment import canonical_computer_name
-
-            hub.revoke(name=canonical_computer_name(peer.name), serial=peer.serial)
+            caller = Caller.of(peer)
+            hub.revoke(name=caller.name, serial=caller.serial)
 
     revocations.subscribe(on_revoked)
     return hub
