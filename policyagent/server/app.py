@@ -17,6 +17,7 @@ Two ports because grpc's Python API cannot ask for an optional client certificat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import fcntl
 import functools
@@ -30,7 +31,7 @@ import stat
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,6 @@ from grpc_reflection.v1alpha import reflection
 
 from policyagent.auth.service import EnrollmentServicer, EnrollmentSettings
 from policyagent.directory.sync import DirectorySettings, DirectorySync
-from policyagent.model.assignment import canonical_computer_name
 from policyagent.model.defaults import restore_defaults_plan
 from policyagent.pb import GRPC_MESSAGE_OPTIONS, enroll_grpc
 from policyagent.pki.authz import AuthzInterceptor
@@ -443,14 +443,11 @@ class PolicyServer:
             self._front = Front(
                 pki.main_port_ssl_context(),
                 backend=backend,
-                serve_stream=lambda peer, requests, context: hub.serve_stream(
-                    Caller(canonical_computer_name(peer.name), peer.serial), requests, context
-                ),
+                serve_stream=lambda peer, requests, context: hub.serve_stream(Caller.of(peer), requests, context),
                 revocations=pki.revocations,
             )
             port = await self._start_front(self._front, self._listen)
             if self.directory is not None:
-                hub = self.hub
                 self.directory.set_status_listener(hub.touch_status)
                 hub.directory_status = self.directory.status
                 hub.address_listener = self.directory.agent_address_changed
@@ -500,38 +497,25 @@ class PolicyServer:
         return store.initialize(seed=restore_defaults_plan, principal=SEED_PRINCIPAL)
 
     async def _start_front(self, front: Front, listen: ListenAddress) -> int:
-        shown = listen.bound(listen.port)
-        if listen.unix_path:
-            _check_unix_path_free(listen.unix_path)
-        try:
-            return await front.start(listen.host, listen.port, listen.unix_path)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {shown}: {exc.strerror or exc}") from exc
+        with _owner_only_socket(listen):
+            try:
+                return await front.start(listen.host, listen.port, listen.unix_path)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {listen.bound(listen.port)}: {exc.strerror or exc}") from exc
 
     def _bind(self, server: aio.Server, listen: ListenAddress, credentials: Any) -> int:
-        target = listen.grpc_target
         shown = listen.bound(listen.port)
-        if listen.unix_path:
-            _check_unix_path_free(listen.unix_path)
-        # Defence in depth on top of mTLS: a unix socket is born 0600 (bind creates it
-        # under the umask), so no other local user can connect even for an instant.
-        # Nothing else creates files while the server starts: the process umask is safe.
-        old_umask = os.umask(0o177) if listen.unix_path else None
-        try:
-            port = server.add_secure_port(target, credentials)
-        except RuntimeError as exc:  # newer grpcio raises instead of returning 0
-            # grpc core has already logged why (in use, no such directory) on stderr;
-            # its exception text only points at GRPC_VERBOSITY.
-            raise ConfigError(
-                f"cannot listen on {shown}: bind failed (address in use, or the socket's directory missing?)"
-            ) from exc
-        finally:
-            if old_umask is not None:
-                os.umask(old_umask)
+        with _owner_only_socket(listen):
+            try:
+                port = server.add_secure_port(listen.grpc_target, credentials)
+            except RuntimeError as exc:  # newer grpcio raises instead of returning 0
+                # grpc core has already logged why (in use, no such directory) on stderr;
+                # its exception text only points at GRPC_VERBOSITY.
+                raise ConfigError(
+                    f"cannot listen on {shown}: bind failed (address in use, or the socket's directory missing?)"
+                ) from exc
         if port == 0 and not listen.unix_path:
             raise ConfigError(f"cannot listen on {shown}: the address is not available")
-        if listen.unix_path:
-            os.chmod(listen.unix_path, 0o600)  # whatever umask the socket got
         return port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -573,6 +557,25 @@ class PolicyServer:
             backend_dir, self._backend_dir = self._backend_dir, ""
             if backend_dir:
                 shutil.rmtree(backend_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _owner_only_socket(listen: ListenAddress) -> Iterator[None]:
+    """Around binding `listen`: for a unix socket, refuse a path a live server holds, and make the
+    socket 0600 from birth (bind creates it under the umask: no other local user can connect even for
+    an instant; defence in depth on top of mTLS). Nothing else creates files while the server starts,
+    so changing the process umask is safe. TCP addresses pass through."""
+    path = listen.unix_path
+    if not path:
+        yield
+        return
+    _check_unix_path_free(path)
+    old_umask = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)  # whatever umask the socket got
 
 
 def _check_unix_path_free(path: str) -> None:
