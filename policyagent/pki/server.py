@@ -87,12 +87,14 @@ class ServerPki:
         return cls(data_dir, ca, identity, revocations, box, chain, key, created)
 
     def server_credentials(self, *, client_certificates: bool = True) -> grpc.ServerCredentials:
-        """TLS for the main port (client certificate required, verified against our CA) or,
-        with client_certificates=False, for the enrollment port (server authenticated only).
+        """gRPC TLS with our server certificate: with client_certificates=False, the enrollment
+        port's (server authenticated only); with True, a grpc.aio server that requires client
+        certificates verified against our CA (the main port itself is the front, which uses
+        `main_port_ssl_context`; tests serve the hub this way).
 
         Two ports because grpc's Python API cannot ask for an *optional* client
         certificate: `require_client_auth=False` does not request one at all. The
-        AuthzInterceptor runs on both, so nothing but Enrollment and health answers
+        AuthzInterceptor runs on every call, so nothing but Enrollment and health answers
         a caller without a certificate.
         """
         return grpc.ssl_server_credentials(

@@ -60,9 +60,12 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_STREAMS = 100
 MAX_HEADER_BLOCK = 16 * 1024
-MAX_FRAME = 16 * 1024
 # The receive window each stream and the connection start with; replenished once half is used.
 RECEIVE_WINDOW = 1 << 20
+# HTTP/2's initial window and largest frame before SETTINGS say otherwise (RFC 9113 §6.5.2).
+DEFAULT_WINDOW = 65_535
+DEFAULT_MAX_FRAME = 16_384
+MAX_FRAME = DEFAULT_MAX_FRAME  # we never announce a larger SETTINGS_MAX_FRAME_SIZE
 
 # frame types
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -146,7 +149,23 @@ def _peer_string(transport: asyncio.BaseTransport) -> str:
 
 _OK_FIELDS: list[tuple[str, str | bytes]] = [("grpc-status", "0")]
 _OK_TRAILERS = encode_headers(_OK_FIELDS)
-_RESPONSE_HEADERS = encode_headers(((":status", "200"), ("content-type", "application/grpc")))
+_RESPONSE_FIELDS: list[tuple[str, str | bytes]] = [(":status", "200"), ("content-type", "application/grpc")]
+_RESPONSE_HEADERS = encode_headers(_RESPONSE_FIELDS)
+# What the server sends first on every connection: its SETTINGS and the connection's receive window.
+_SERVER_PREFACE = frame(
+    SETTINGS,
+    0,
+    0,
+    b"".join(
+        key.to_bytes(2, "big") + value.to_bytes(4, "big")
+        for key, value in (
+            (SETTINGS_HEADER_TABLE_SIZE, 0),
+            (SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
+            (SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
+        )
+    ),
+) + frame(WINDOW_UPDATE, 0, 0, (RECEIVE_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))
 
 
 class StreamClosed(Exception):
@@ -209,6 +228,14 @@ class _Stream:
         writable, self.writable = self.writable, None
         if writable is not None and not writable.done():
             writable.set_result(None)
+
+    def abandon(self, error: Exception) -> None:
+        """Whoever serves the stream stops: its reader and writer get `error`, a relay is cancelled."""
+        self.error = error
+        self.wake()
+        self.wake_writer()
+        if self.relayed and self.task is not None:
+            self.task.cancel()
 
     async def messages(self) -> AsyncIterator[bytes]:
         """The client's messages until it half-closes; StreamClosed if the stream is reset or lost.
@@ -301,8 +328,8 @@ class _Connection(asyncio.Protocol):
         # Decoded header lists are held to what SETTINGS_MAX_HEADER_LIST_SIZE announces (an HPACK
         # block of indexed references could otherwise expand a 16 KiB block to megabytes).
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
-        self._send_window = 65_535  # the connection's, for what we send
-        self._initial_window = 65_535  # the client's SETTINGS_INITIAL_WINDOW_SIZE
+        self._send_window = DEFAULT_WINDOW  # the connection's, for what we send
+        self._initial_window = DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
         self._max_frame = MAX_FRAME  # the client's SETTINGS_MAX_FRAME_SIZE, capped at ours
         self._recv_unacked = 0
         self._paused = False
@@ -371,23 +398,7 @@ class _Connection(asyncio.Protocol):
                 return
             self._ready = True
             self.certificate = self._tls.getpeercert(binary_form=True)
-            self._batch = [
-                frame(
-                    SETTINGS,
-                    0,
-                    0,
-                    b"".join(
-                        k.to_bytes(2, "big") + v.to_bytes(4, "big")
-                        for k, v in (
-                            (SETTINGS_HEADER_TABLE_SIZE, 0),
-                            (SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-                            (SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW),
-                            (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
-                        )
-                    ),
-                ),
-                frame(WINDOW_UPDATE, 0, 0, (RECEIVE_WINDOW - 65_535).to_bytes(4, "big")),
-            ]
+            self._batch = [_SERVER_PREFACE]
         else:
             self._batch = []
         plain: list[bytes] = []
@@ -522,7 +533,7 @@ class _Connection(asyncio.Protocol):
                 for stream in self._streams.values():
                     stream.window += delta
             elif key == SETTINGS_MAX_FRAME_SIZE:
-                if not 16_384 <= value <= 16_777_215:
+                if not DEFAULT_MAX_FRAME <= value <= 16_777_215:
                     self._goaway(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
                     return
                 self._max_frame = min(value, MAX_FRAME)
@@ -593,14 +604,11 @@ class _Connection(asyncio.Protocol):
                 self._remote_done(stream)
             return
         if stream_id <= self._last_stream:
-            self._write(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
+            self._rst(stream_id, STREAM_CLOSED)
             return
         self._last_stream = stream_id
-        if self._goaway_sent:
-            self._write(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
-            return
-        if len(self._streams) >= MAX_STREAMS:
-            self._write(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
+        if self._goaway_sent or len(self._streams) >= MAX_STREAMS:
+            self._rst(stream_id, REFUSED_STREAM)
             return
         stream = _Stream(self, stream_id, self._initial_window)
         self._streams[stream_id] = stream
@@ -698,10 +706,7 @@ class _Connection(asyncio.Protocol):
 
     def _goaway(self, code: int, why: str) -> None:
         _log.debug("connection error", extra={"peer": self.peer, "error": why})
-        if not self._goaway_sent:
-            self._goaway_sent = True
-            last = self._last_stream.to_bytes(4, "big")
-            self._write(frame(GOAWAY, 0, 0, last + code.to_bytes(4, "big") + why.encode()))
+        self._send_goaway(code, why.encode())
         batch, self._batch = self._batch, None
         if batch:
             self._write(b"".join(batch))
@@ -709,9 +714,16 @@ class _Connection(asyncio.Protocol):
 
     def goaway(self) -> None:
         """No new streams (the server stops): the ones open may finish."""
-        if not self._goaway_sent and self._ready and not self._closed:
+        if self._ready and not self._closed:
+            self._send_goaway(NO_ERROR)
+
+    def _send_goaway(self, code: int, debug: bytes = b"") -> None:
+        if not self._goaway_sent:
             self._goaway_sent = True
-            self._write(frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + NO_ERROR.to_bytes(4, "big")))
+            self._write(frame(GOAWAY, 0, 0, self._last_stream.to_bytes(4, "big") + code.to_bytes(4, "big") + debug))
+
+    def _rst(self, stream_id: int, code: int) -> None:
+        self._write(frame(RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))
 
     @property
     def idle(self) -> bool:
@@ -721,14 +733,10 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self, stream: _Stream, error: Exception) -> None:
         """The stream is gone (client reset, connection lost): wake its reader and writer with `error`."""
-        stream.error = error
         stream.local_done = stream.remote_done = True
         stream.out.clear()
         self._streams.pop(stream.id, None)
-        stream.wake()
-        stream.wake_writer()
-        if stream.relayed and stream.task is not None:
-            stream.task.cancel()
+        stream.abandon(error)
 
     def release_window(self, stream: _Stream) -> None:
         """Give the client back the receive window of what `stream`'s reader has taken."""
@@ -739,11 +747,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, stream: _Stream, code: grpc.StatusCode, details: str) -> None:
         """The client broke the call (a bad message): end it with `code`, and stop whoever serves it."""
         self.finish(stream, code, details)
-        stream.error = StreamClosed(details)
-        stream.wake()
-        stream.wake_writer()
-        if stream.relayed and stream.task is not None:
-            stream.task.cancel()
+        stream.abandon(StreamClosed(details))
 
     async def send_message(self, stream: _Stream, message: bytes) -> None:
         """Send one gRPC message on `stream`, waiting for flow-control window and a draining socket."""
@@ -754,21 +758,15 @@ class _Connection(asyncio.Protocol):
         if not stream.headers_sent:
             stream.headers_sent = True
             self._write(frame(HEADERS, END_HEADERS, stream.id, _RESPONSE_HEADERS))
-        data = len(message).to_bytes(5, "big") + message
-        if not stream.out and len(data) <= min(self._send_window, stream.window, self._max_frame):
-            self._send_window -= len(data)
-            stream.window -= len(data)
-            self._write(frame(DATA, 0, stream.id, data))
-        else:
-            stream.out.append(data)
-            self._pump(stream)
-            while stream.out:
-                if stream.error is not None:
-                    raise stream.error
-                stream.writable = asyncio.get_running_loop().create_future()
-                await stream.writable
+        stream.out.append(len(message).to_bytes(5, "big") + message)
+        self._pump(stream)
+        while stream.out:  # no send window: WINDOW_UPDATE or a SETTINGS change wakes the writer
             if stream.error is not None:
                 raise stream.error
+            stream.writable = asyncio.get_running_loop().create_future()
+            await stream.writable
+        if stream.error is not None:
+            raise stream.error
         if self._paused:
             await self.drain()
 
@@ -785,7 +783,7 @@ class _Connection(asyncio.Protocol):
         fields: list[tuple[str, str | bytes]] = []
         if not stream.headers_sent:
             stream.headers_sent = True
-            fields += [(":status", "200"), ("content-type", "application/grpc")]
+            fields += _RESPONSE_FIELDS
         fields.append(("grpc-status", str(code.value[0])))
         if details:
             fields.append(("grpc-message", grpc_message_encode(details)))
@@ -825,7 +823,7 @@ class _Connection(asyncio.Protocol):
             stream.local_done = True
             if not stream.remote_done:
                 # The response is complete: the client need not send the rest of its request.
-                self._write(frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big")))
+                self._rst(stream.id, NO_ERROR)
                 stream.remote_done = True
                 stream.wake()
             self._streams.pop(stream.id, None)
@@ -885,13 +883,8 @@ class Front:
         self._channel = aio.insecure_channel(self._backend_target, options=GRPC_MESSAGE_OPTIONS)
         authz.trust_front(self.token)
         factory = lambda: _Connection(self)  # noqa: E731
-        if unix_path:
-            old_umask = os.umask(0o177)
-            try:
-                self._servers.append(await loop.create_unix_server(factory, unix_path, backlog=4096))
-            finally:
-                os.umask(old_umask)
-            os.chmod(unix_path, 0o600)
+        if unix_path:  # its permissions are the caller's (PolicyServer makes it 0600)
+            self._servers.append(await loop.create_unix_server(factory, unix_path, backlog=4096))
             self._unix_path = unix_path
             return 0
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -952,17 +945,12 @@ class Front:
             await self._channel.close(None)
             self._channel = None
 
-    def _peer(self, conn: _Connection) -> authz.Peer | None:
-        der = conn.certificate
-        if der is None:
-            return None
-        return authz.peer_of_der(der)
-
     # ---------------------------------------------------------------- the agents' stream
 
     async def serve_agent(self, conn: _Connection, stream: _Stream) -> None:
         try:
-            peer = authz.check_peer(self._peer(conn), "agent", self._revocations)
+            certificate = conn.certificate
+            peer = authz.check_peer(authz.peer_of_der(certificate) if certificate else None, "agent", self._revocations)
         except authz.AuthError as exc:
             conn.finish(stream, exc.status, exc.message)
             return
