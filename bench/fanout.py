@@ -58,6 +58,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -256,15 +258,12 @@ _PADDED, _PRIORITY_FLAG = _front.PADDED, _front.PRIORITY_FLAG
 _H2_HEAD = struct.Struct(">BHBBL")  # frame header: length (24 bits: high byte + low 16), type, flags, stream id
 _H2_SETTING = struct.Struct(">HL")
 # error codes (RFC 9113 §7)
-_NO_ERROR, _PROTOCOL_ERROR, _FRAME_SIZE_ERROR, _COMPRESSION_ERROR = 0x0, 0x1, 0x6, 0x9
-_H2_MAX_FRAME = 16384  # the largest frame we accept: the default, we never raise SETTINGS_MAX_FRAME_SIZE
+_NO_ERROR, _PROTOCOL_ERROR, _FRAME_SIZE_ERROR = _front.NO_ERROR, _front.PROTOCOL_ERROR, _front.FRAME_SIZE_ERROR
+_COMPRESSION_ERROR = _front.COMPRESSION_ERROR
+_H2_MAX_FRAME = _front.DEFAULT_MAX_FRAME  # the largest frame we accept: we never raise SETTINGS_MAX_FRAME_SIZE
 _H2_WINDOW = 1 << 20  # our receive windows (connection and stream); replenished once half is consumed
-_H2_DEFAULT_WINDOW = 65535
-_GRPC_CODES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-)
+_H2_DEFAULT_WINDOW = _front.DEFAULT_WINDOW
+_GRPC_CODES = {code.value[0]: code.name for code in grpc.StatusCode}
 # What a gRPC client makes of an RST_STREAM's error code (gRPC's PROTOCOL-HTTP2.md; others: INTERNAL)
 # and of a response's HTTP status when it has no grpc-status (others: UNKNOWN).
 _RST_TO_GRPC = {0x7: "UNAVAILABLE", 0x8: "CANCELLED", 0xB: "RESOURCE_EXHAUSTED", 0xC: "PERMISSION_DENIED"}
@@ -494,7 +493,7 @@ class WireAgent(asyncio.Protocol):
         code = fields.get(b"grpc-status", b"2")  # no grpc-status: UNKNOWN
         number = int(code) if code.isdigit() else 2
         self.message = urllib.parse.unquote(fields.get(b"grpc-message", b"").decode("ascii", "replace"))
-        self._finish(None if number == 0 else _GRPC_CODES[number] if number < len(_GRPC_CODES) else "UNKNOWN")
+        self._finish(None if number == 0 else _GRPC_CODES.get(number, "UNKNOWN"))
         return True
 
     def _on_settings(self, payload: bytes) -> None:
