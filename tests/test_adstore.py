@@ -500,7 +500,7 @@ def test_machine_version_and_extension_names() -> None:
     assert a._bump_machine_version(str(-65536 + 4).encode()) == -65536 + 5  # user part 0xFFFF, 32-bit signed
     other = "[{35378EAC-683F-11D2-A89A-00C04FBBCFA2}{0F6B957E-509E-11D1-A7CC-0000F87571E3}]"
     groups = a._with_ipsec_extension(a._parse_extensions(other, "x"), True)
-    assert "".join("[" + "".join(grp) + "]" for grp in groups) == other + a.IPSEC_CSE.join("[]")[:-1] + a.IPSEC_TOOL + "]"
+    assert "".join("[" + "".join(grp) + "]" for grp in groups) == other + a.IPSEC_CSE_GUID.join("[]")[:-1] + a.IPSEC_TOOL + "]"
     assert a._with_ipsec_extension(groups, True) == groups
     assert a._with_ipsec_extension(groups, False) == a._parse_extensions(other, "x")
     with pytest.raises(a.DirectoryPolicyError, match="does not parse"):

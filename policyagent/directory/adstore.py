@@ -50,7 +50,7 @@ from typing import Any, Literal, TypeVar
 from google.protobuf.message import Message
 
 from policyagent.directory import gpipsec as g
-from policyagent.directory.connector import DirectoryError, dn_key, normalize_guid
+from policyagent.directory.connector import IPSEC_CSE_GUID, DirectoryError, dn_key, normalize_guid
 from policyagent.pb import pb
 
 with warnings.catch_warnings():  # ldap3 2.9.1 imports names pyasn1 has deprecated
@@ -131,7 +131,7 @@ _MANAGED = {
     FILTER: ("ipsecID", "ipsecName", "description", DATA_TYPE, DATA, OWNERS),
 }
 
-IPSEC_CSE = "{E437BC1C-AA7D-11D2-A382-00C04F991E27}"
+# gPCMachineExtensionNames' IPsec pair: the client-side extension (the connector's) and its snap-in tool.
 IPSEC_TOOL = "{DEA8AFA0-CC85-11D0-9CE2-0080C7221EBD}"
 
 _BRACED_GUID = re.compile(r"^\{[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\}$")
@@ -1412,10 +1412,10 @@ def _parse_extensions(value: str, dn: str) -> list[list[str]]:
 
 def _with_ipsec_extension(groups: list[list[str]], present: bool) -> list[list[str]]:
     out = [list(grp) for grp in groups]
-    mine = next((grp for grp in out if grp[0].upper() == IPSEC_CSE), None)
+    mine = next((grp for grp in out if grp[0].upper() == IPSEC_CSE_GUID), None)
     if present:
         if mine is None:
-            out.append([IPSEC_CSE, IPSEC_TOOL])
+            out.append([IPSEC_CSE_GUID, IPSEC_TOOL])
         elif IPSEC_TOOL not in (t.upper() for t in mine[1:]):
             mine[1:] = sorted([*mine[1:], IPSEC_TOOL], key=str.upper)
     elif mine is not None:

@@ -198,6 +198,14 @@ def _rdns(dn: str) -> list[tuple[str, str]]:
     return [(attr, value) for attr, value, _sep in ldap_parse_dn(dn)]
 
 
+def _group_name_from_dn(dn: str) -> str:
+    """A group's name when only its DN is known: its first RDN's value (the DN itself if unparsable)."""
+    try:
+        return _rdns(dn)[0][1]
+    except (LDAPInvalidDnError, IndexError):
+        return dn
+
+
 def _parent(dn: str) -> str:
     try:
         return ",".join(f"{a}={v}" for a, v in _rdns(dn)[1:])
@@ -460,12 +468,7 @@ def read_topology(
         member_of = set(members.get(dn_key(dn), set()))
         for group_dn in _values(attrs, "memberOf"):
             known = group_names.get(dn_key(group_dn))
-            if known is None:
-                try:
-                    known = _rdns(group_dn)[0][1]
-                except (LDAPInvalidDnError, IndexError):
-                    known = group_dn
-            member_of.add(known)
+            member_of.add(known if known is not None else _group_name_from_dn(group_dn))
         if name in computers:
             log.warning("skipping the computer %s: the name %s is already taken", dn, name)
             continue
@@ -723,12 +726,7 @@ def read_computers(
                 entry = _entry(conn, group_dn, ["objectClass", "cn", "sAMAccountName"])
                 if entry is not None and _classes(entry) & _GROUP_CLASSES:
                     known = _first(entry, "sAMAccountName") or _first(entry, "cn") or None
-            if known is None:
-                try:
-                    known = _rdns(group_dn)[0][1]
-                except (LDAPInvalidDnError, IndexError):
-                    known = group_dn
-            member_of.add(known)
+            member_of.add(known if known is not None else _group_name_from_dn(group_dn))
         host = _first(attrs, "dNSHostName").strip().rstrip(".").lower()
         out[dn] = ComputerRead(
             dn=dn,
